@@ -1,0 +1,187 @@
+"""The Doubter's trainable parts: cognitive encoders, the gated bottleneck cross-attention, and the tuner layer that
+wraps an inject layer's decoder block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import DoubterConfig
+
+
+@dataclass
+class InjectionState:
+    """What pass 2 injects, shared by the tuner and its layers: cognitive tokens (B, T, H) and the AGC gain."""
+
+    tokens: Optional[torch.Tensor] = None
+    gain: float = 1.0
+
+
+class LayerProjector(nn.Module):
+    """Per-read-layer projector: LayerNorm -> Linear(D_in -> b) -> GELU."""
+
+    def __init__(self, in_dim: int, bottleneck: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim, eps=eps)
+        self.linear = nn.Linear(in_dim, bottleneck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.linear(self.norm(x)))
+
+
+class OutputHead(nn.Module):
+    """Shared output MLP of every encoder: LayerNorm(b) -> Linear(b -> H) -> GELU -> Linear(H -> H)."""
+
+    def __init__(self, bottleneck: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(bottleneck, eps=eps)
+        self.fc1 = nn.Linear(bottleneck, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(z))))
+
+
+class CognitiveEncoder(nn.Module):
+    """Turns pooled read-layer features (B, R, D_in) into cognitive tokens (B, T, H).
+
+    All encoder types share the gated per-layer projectors and the output head; `transformer` adds two self-attention
+    blocks over the R layer tokens, `multi_token` lets T learned queries attend over them.
+    """
+
+    def __init__(self, config: DoubterConfig, hidden_size: int, num_read_layers: int) -> None:
+        super().__init__()
+        in_dim = hidden_size * (2 if config.pooling == "last_mean" else 1)
+        b, eps = config.encoder_bottleneck_dim, config.layer_norm_eps
+        self.encoder_type = config.encoder_type
+        self.num_tokens = config.token_count(num_read_layers)
+        self.projectors = nn.ModuleList(LayerProjector(in_dim, b, eps) for _ in range(num_read_layers))
+        if config.dynamic_gates:
+            self.gate_nets = nn.ModuleList(nn.Linear(in_dim, 1) for _ in range(num_read_layers))
+            initial = math.tanh(config.encoder_gate_init)
+            for net in self.gate_nets:
+                nn.init.zeros_(net.weight)
+                nn.init.constant_(net.bias, math.log(initial / (1 - initial)))
+        else:
+            self.gates = nn.Parameter(torch.full((num_read_layers,), float(config.encoder_gate_init)))
+        if config.encoder_type == "transformer":
+            self.blocks = nn.ModuleList(
+                nn.TransformerEncoderLayer(
+                    b, config.ca_num_heads, dim_feedforward=4 * b, dropout=0.0, activation="gelu",
+                    layer_norm_eps=eps, batch_first=True, norm_first=True,
+                )
+                for _ in range(2)
+            )
+        elif config.encoder_type == "multi_token":
+            self.queries = nn.Parameter(torch.randn(self.num_tokens, b) * b**-0.5)
+            self.query_attn = nn.MultiheadAttention(b, config.ca_num_heads, batch_first=True)
+        self.output = OutputHead(b, hidden_size, eps)
+        self.output_norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def layer_gates(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-layer encoder gate values, (B, R, 1)."""
+        if hasattr(self, "gate_nets"):
+            return torch.cat([torch.sigmoid(net(features[:, r])) for r, net in enumerate(self.gate_nets)], dim=1)[
+                ..., None
+            ]
+        return torch.tanh(self.gates)[None, :, None].expand(features.shape[0], -1, -1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Gated per-layer projections, (B, R, D_in) -> (B, R, b)."""
+        projected = torch.stack([proj(features[:, r]) for r, proj in enumerate(self.projectors)], dim=1)
+        return projected * self.layer_gates(features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = self.project(features)  # (B, R, b)
+        if self.encoder_type == "transformer":
+            for block in self.blocks:
+                z = block(z)
+        elif self.encoder_type == "multi_token":
+            queries = self.queries[None].expand(z.shape[0], -1, -1)  # (B, T, b)
+            z, _ = self.query_attn(queries, z, z, need_weights=False)
+        return self.output_norm(self.output(z))  # (B, T, H)
+
+
+class BottleneckCrossAttention(nn.Module):
+    """Gated cross-attention from the residual stream to the cognitive tokens, through a bottleneck:
+
+    `h + gain * tanh(gate) * up(MHA(q=q(down(LN(h))), k=k(c), v=v(c)) + token_preference)`.
+    """
+
+    def __init__(self, config: DoubterConfig, hidden_size: int, num_tokens: int) -> None:
+        super().__init__()
+        b = config.ca_bottleneck_dim
+        self.num_heads = config.ca_num_heads
+        self.norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.down_proj = nn.Linear(hidden_size, b, bias=False)
+        self.q_proj = nn.Linear(b, b, bias=False)
+        self.k_proj = nn.Linear(hidden_size, b, bias=False)
+        self.v_proj = nn.Linear(hidden_size, b, bias=False)
+        self.up_proj = nn.Linear(b, hidden_size, bias=False)
+        self.token_preference = nn.Parameter(torch.zeros(num_tokens))
+        self.gate = nn.Parameter(torch.tensor([float(config.ca_gate_init)]))
+
+    def attend(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The un-gated update `up(attn)`, (B, S, H)."""
+        batch, seq, _ = hidden.shape
+        heads = self.num_heads
+        q = self.q_proj(self.down_proj(self.norm(hidden)))  # (B, S, b)
+        k, v = self.k_proj(tokens), self.v_proj(tokens)  # (B, T, b)
+        q = q.view(batch, seq, heads, -1).transpose(1, 2)  # (B, nh, S, hd)
+        k = k.view(batch, k.shape[1], heads, -1).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(batch, v.shape[1], heads, -1).transpose(1, 2)  # (B, nh, T, hd)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + self.token_preference  # (B, nh, S, T)
+        out = scores.softmax(dim=-1) @ v  # (B, nh, S, hd)
+        return self.up_proj(out.transpose(1, 2).reshape(batch, seq, -1))  # (B, S, H)
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        tokens = tokens.to(hidden.dtype)
+        return hidden + gain * torch.tanh(self.gate).to(hidden.dtype) * self.attend(hidden, tokens)
+
+
+class DoubterLayer(nn.Module, BaseTunerLayer):
+    """Wraps one decoder block; after the block runs, adds the active adapter's cross-attention to its output."""
+
+    adapter_layer_names = ("doubter_ca",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: DoubterConfig,
+        hidden_size: int,
+        num_tokens: int,
+        state: InjectionState,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.hidden_size = hidden_size
+        self.doubter_ca = nn.ModuleDict({})
+        self._state = state
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, num_tokens)
+
+    def update_layer(self, adapter_name: str, config: DoubterConfig, num_tokens: int) -> None:
+        self.doubter_ca[adapter_name] = BottleneckCrossAttention(config, self.hidden_size, num_tokens)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.base_layer(*args, **kwargs)
+        adapter = self.active_adapters[0]
+        if self.disable_adapters or self._state.tokens is None or adapter not in self.doubter_ca:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        injected = self.doubter_ca[adapter](hidden, self._state.tokens, self._state.gain)
+        return (injected, *output[1:]) if isinstance(output, tuple) else injected
+
+    def __repr__(self) -> str:
+        return "doubter." + super().__repr__()

@@ -1,0 +1,10 @@
+"""Shared test setup: one torch thread (tiny ops on a loaded 2-core machine are far slower with two)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
