@@ -494,10 +494,9 @@ class DoubterModel(BaseTuner):
             )
         for index in range(first_inject):
             reused = pass1_cache.layers[index]
-            reused.crop(-1)
+            reused.crop(-1)  # a sliding-window layer records its past in pass 1, so this also trims it to the window
             if getattr(reused, "record_past", False):
                 reused.record_past = False
-                reused.crop(0)
             cache.layers[index] = reused
         return cache
 

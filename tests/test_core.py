@@ -1,0 +1,384 @@
+"""The Doubter tuner on tiny models of every supported family, PEFT-style: a table of cases, shared checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+import peft_doubter
+from peft_doubter import DoubterConfig, DoubterLayer
+
+import tiny_models
+
+SMALL = dict(encoder_bottleneck_dim=32, ca_bottleneck_dim=32)
+CONFIGS = {
+    "selective-last": dict(target_layers=[1, 2, 3], cross_attn_layers=[2, 3]),
+    "multi_token-mean": dict(target_layers="late", encoder_type="multi_token", num_cognitive_tokens=3, pooling="mean"),
+    "transformer-last_mean": dict(target_layers=[0, 2], cross_attn_layers=[1, 3], encoder_type="transformer",
+                                  pooling="last_mean"),
+    "dynamic-gates-all": dict(target_layers="all", dynamic_gates=True),
+}
+TEST_CASES = [(family, "selective-last") for family in tiny_models.FAMILIES] + [
+    ("llama", name) for name in CONFIGS if name != "selective-last"
+] + [("gemma3", "transformer-last_mean"), ("gpt2", "multi_token-mean")]
+
+
+def make(family: str, config_name: str, seed: int = 0, **overrides):
+    base = tiny_models.build(family, seed)
+    return get_peft_model(base, DoubterConfig(**{**SMALL, **CONFIGS[config_name], **overrides}))
+
+
+def perturb(model) -> None:
+    """Make the wrapper change the logits clearly."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "doubter_" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+            if name.endswith("doubter_ca.default.gate"):
+                param.fill_(1.0)
+
+
+def prompts(batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, tiny_models.VOCAB, (batch, length), generator=generator)
+
+
+def logits(model, ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+cases = pytest.mark.parametrize("family,config_name", TEST_CASES, ids=[f"{f}-{c}" for f, c in TEST_CASES])
+
+
+@cases
+def test_forward_and_generate_run(family, config_name):
+    model = make(family, config_name)
+    ids = prompts()
+    assert logits(model, ids).shape == (2, 10, tiny_models.VOCAB)
+    out = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 13) and torch.equal(out[:, :10], ids)
+
+
+@cases
+def test_only_wrapper_gets_gradients(family, config_name):
+    model = make(family, config_name)
+    model.train()
+    ids = prompts()
+    labels = ids.clone()
+    labels[:, :6] = -100
+    model(input_ids=ids, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        is_wrapper = "doubter_" in name
+        assert param.requires_grad == is_wrapper, name
+        if is_wrapper:
+            assert param.grad is not None, f"no gradient reached {name}"
+        else:
+            assert param.grad is None, name
+    wrapper_grads = [p.grad.abs().sum() for n, p in model.named_parameters() if "doubter_" in n]
+    assert sum(wrapper_grads) > 0
+
+
+@cases
+def test_disable_unload_and_save_load_roundtrip(family, config_name, tmp_path):
+    base = tiny_models.build(family)
+    ids = prompts()
+    reference = logits(base, ids)
+    untouched = copy.deepcopy(base.state_dict())
+    model = get_peft_model(base, DoubterConfig(**{**SMALL, **CONFIGS[config_name]}))
+    perturb(model)
+    adapted = logits(model, ids)
+    assert (adapted - reference).abs().max() > 1e-3, "the perturbed wrapper should change the logits"
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids), reference)
+    assert torch.allclose(logits(model, ids), adapted)
+
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not list((tmp_path / "adapter").glob("*.bin"))
+
+    for name in ("default", "other"):
+        fresh = PeftModel.from_pretrained(tiny_models.build(family), tmp_path / "adapter", adapter_name=name)
+        assert fresh.active_adapter == name
+        torch.testing.assert_close(logits(fresh, ids), adapted, rtol=0, atol=1e-5)
+
+    unloaded = model.unload()
+    assert not any(isinstance(m, DoubterLayer) for m in unloaded.modules())
+    assert torch.equal(logits(unloaded, ids), reference)
+    assert all(torch.equal(untouched[k], v) for k, v in unloaded.state_dict().items())
+
+
+def test_auto_peft_model_loads_from_local_directory(tmp_path):
+    tiny_models.build("llama").save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, DoubterConfig(**SMALL, target_layers=[1, 2]))
+    perturb(model)
+    ids = prompts()
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+    assert PeftConfig.from_pretrained(tmp_path / "adapter").peft_type == peft_doubter.DOUBTER_PEFT_TYPE
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=1e-5)
+
+
+@cases
+def test_left_and_right_padding_read_the_same_prompt_token(family, config_name):
+    model = make(family, config_name)
+    perturb(model)
+    short, long = prompts(1, 6, seed=1), prompts(1, 9, seed=2)
+    singles = [logits(model, short)[0], logits(model, long)[0]]
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    for side in ("left", "right"):
+        padded = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
+        ids = torch.cat([padded, long])
+        mask = (torch.arange(9) >= 3) if side == "left" else (torch.arange(9) < 6)
+        mask = torch.stack([mask, torch.ones(9, dtype=torch.bool)]).long()
+        batched = logits(model, ids, attention_mask=mask)
+        real = slice(3, 9) if side == "left" else slice(0, 6)
+        torch.testing.assert_close(batched[0, real], singles[0], rtol=0, atol=2e-4)
+        torch.testing.assert_close(batched[1], singles[1], rtol=0, atol=2e-4)
+
+
+@cases
+def test_prefix_reuse_equals_naive_two_pass(family, config_name):
+    model = make(family, config_name)
+    perturb(model)
+    ids = prompts(2, 12)
+    torch.testing.assert_close(logits(model, ids), logits(model, ids, reuse_prefix=False), rtol=0, atol=1e-5)
+    fast, naive = (
+        model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
+                       return_dict_in_generate=True, reuse_prefix=reuse)
+        for reuse in (True, False)
+    )
+    assert torch.equal(fast.sequences, naive.sequences)
+    for a, b in zip(fast.scores, naive.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def _count_block_calls(model, layer_index: int) -> list[int]:
+    layers = model.base_model._layers
+    block = layers[layer_index]
+    block = block.get_base_layer() if isinstance(block, DoubterLayer) else block
+    first_child = next(block.children())
+    calls = [0]
+    first_child.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_pass1_stops_early_and_pass2_skips_the_prefix():
+    model = make("llama", "selective-last", target_layers=[1], cross_attn_layers=[2, 3])
+    bottom, top = _count_block_calls(model, 0), _count_block_calls(model, 3)
+    logits(model, prompts())
+    assert bottom == [1], "layer 0 runs once (pass 1); pass 2 reuses its output"
+    assert top == [1], "layer 3 runs once (pass 2); pass 1 stops after layer 1"
+    logits(model, prompts(), reuse_prefix=False)
+    assert bottom == [3] and top == [2]
+
+
+def test_target_tokens_never_reach_pass1():
+    model = make("llama", "transformer-last_mean")
+    captured = []
+    encoder = model.base_model.doubter_encoder["default"]
+    encoder.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+    ids = prompts(1, 10)
+    labels = torch.full_like(ids, -100)
+    labels[:, 6:] = ids[:, 6:]
+    other = ids.clone()
+    other[:, 6:] = (other[:, 6:] + 7) % tiny_models.VOCAB
+    model(input_ids=ids, labels=labels)
+    model(input_ids=other, labels=labels)
+    assert torch.equal(captured[0], captured[1])
+    model(input_ids=ids[:, :6])
+    torch.testing.assert_close(captured[2], captured[0], rtol=0, atol=1e-5)
+
+
+def test_precomputed_pass1_features_skip_pass1():
+    model = make("llama", "selective-last")
+    perturb(model)
+    ids = prompts()
+    features = model.base_model.run_pass1(ids, torch.ones_like(ids), torch.full((2,), 9)).stacked()
+    bottom = _count_block_calls(model, 0)
+    from_cache = logits(model, ids, pass1_features=features)
+    assert bottom == [1], "with cached features only pass 2 runs"
+    torch.testing.assert_close(from_cache, logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_batched_left_padded_generation_matches_one_by_one():
+    model = make("gemma3", "selective-last")
+    perturb(model)
+    rows = [prompts(1, 5, seed=3), prompts(1, 9, seed=4)]
+    singles = [model.generate(input_ids=r, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, r.shape[1]:] for r in rows]
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), rows[0]], 1), rows[1]])
+    mask = torch.stack([torch.arange(9) >= 4, torch.ones(9, dtype=torch.bool)]).long()
+    batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    for row, single in enumerate(singles):
+        assert torch.equal(batched[row, 9:], single)
+
+
+class _Collect(BaseStreamer):
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.flatten())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_each_new_token():
+    model = make("llama", "selective-last")
+    ids = prompts(1, 7)
+    streamer = _Collect()
+    out = model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, streamer=streamer)
+    assert streamer.ended and torch.equal(torch.cat(streamer.chunks), out[0])
+
+
+def test_agc_and_dynamic_refresh_are_opt_in_and_change_decoding():
+    model = make("llama", "selective-last")
+    perturb(model)
+    ids = prompts(1, 8)
+    kwargs = dict(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain = model.generate(**kwargs).scores
+    model.peft_config["default"].agc_tau = 1.0
+    damped = model.generate(**kwargs, agc=True).scores
+    torch.testing.assert_close(damped[0], plain[0], rtol=0, atol=1e-5)  # step 0: full gain
+    assert (damped[-1] - plain[-1]).nan_to_num().abs().max() > 1e-4  # later steps: gain decayed towards the floor
+    model.peft_config["default"].refresh_interval = 1
+    model.peft_config["default"].refresh_threshold = 1.0  # always counts as drift: re-encode every step
+    refreshed = model.generate(**kwargs, dynamic_refresh=True).scores
+    torch.testing.assert_close(refreshed[0], plain[0], rtol=0, atol=1e-5)
+    assert (refreshed[-1] - plain[-1]).nan_to_num().abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        base = tiny_models.build("qwen2")
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+        model = get_peft_model(base, DoubterConfig(**SMALL, target_layers=[1, 2, 3]))
+        model.train()
+        ids = prompts()
+        labels = ids.masked_fill(torch.arange(10) < 5, -100)
+        model(input_ids=ids, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_wrong_base_is_refused_unless_overridden(tmp_path):
+    model = make("llama", "selective-last")
+    model.save_pretrained(tmp_path)
+    saved = PeftConfig.from_pretrained(tmp_path)
+    assert saved.base_fingerprint["model_type"] == "llama" and saved.base_fingerprint["num_layers"] == 4
+    other_weights = tiny_models.build("llama", seed=1)
+    with pytest.raises(ValueError, match="different base model.*embedding weights differ"):
+        PeftModel.from_pretrained(other_weights, tmp_path)
+    with pytest.raises(ValueError, match="model_type: adapter has 'llama', base has 'qwen2'"):
+        PeftModel.from_pretrained(tiny_models.build("qwen2"), tmp_path)
+    saved.check_base_fingerprint = False
+    with pytest.warns(UserWarning, match="differs from its own"):
+        PeftModel.from_pretrained(tiny_models.build("llama", seed=1), tmp_path, config=saved)
+    PeftModel.from_pretrained(tiny_models.build("llama").to(torch.bfloat16), tmp_path)  # same weights, other dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(target_layers=[7]), r"`target_layers` contains layer index 7.*4 decoder layers"),
+        (dict(target_layers=[1], cross_attn_layers=[-5]), r"`cross_attn_layers` contains layer index -5"),
+        (dict(target_layers=[1, -3]), r"`target_layers` names the same layer twice"),
+        (dict(encoder_type="selective", num_cognitive_tokens=5, target_layers=[1, 2]),
+         r"`num_cognitive_tokens` \(5\) must equal the number of read layers \(2\)"),
+    ],
+)
+def test_bad_layers_give_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(tiny_models.build("llama"), DoubterConfig(**SMALL, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(target_layers="early"), "`target_layers` must be a list of layer indices, 'all' or 'late'"),
+        (dict(target_layers=[]), "`target_layers` must be a non-empty list"),
+        (dict(target_layers=[1, 1]), "`target_layers` contains duplicate"),
+        (dict(cross_attn_layers=[1.5]), "`cross_attn_layers` must contain only integers"),
+        (dict(encoder_type="mlp"), "`encoder_type` must be one of"),
+        (dict(pooling="max"), "`pooling` must be one of"),
+        (dict(ca_bottleneck_dim=30, ca_num_heads=4), r"`ca_bottleneck_dim` \(30\) must be divisible by `ca_num_heads`"),
+        (dict(ca_num_heads=0), "`ca_num_heads` must be a positive integer"),
+        (dict(agc_floor=1.5), "`agc_floor` must lie in"),
+        (dict(agc_tau=0), "`agc_tau` must be > 0"),
+        (dict(refresh_threshold=2), "`refresh_threshold` is a cosine similarity"),
+        (dict(correction_ratio=-0.1), "`correction_ratio` must lie in"),
+        (dict(task_type="SEQ_CLS"), "`task_type` must be 'CAUSAL_LM'"),
+        (dict(refusal_text="  "), "`refusal_text` must not be empty"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DoubterConfig(**kwargs)
+
+
+def test_bad_prompts_give_clear_errors():
+    model = make("llama", "selective-last")
+    with pytest.raises(ValueError, match="Empty prompt"):
+        model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="Empty prompt"):
+        model(input_ids=prompts(1, 4), attention_mask=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than the base model's context \\(256 tokens\\)"):
+        model.generate(input_ids=prompts(1, 300), max_new_tokens=2)
+    right_padded = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="needs left padding"):
+        model.generate(input_ids=prompts(1, 3), attention_mask=right_padded, max_new_tokens=2)
+    labels = torch.full((1, 4), -100)
+    with pytest.raises(ValueError, match="at least one supervised token"):
+        model(input_ids=prompts(1, 4), labels=labels)
+
+
+def test_merge_is_refused_and_points_to_unload():
+    model = make("llama", "selective-last")
+    with pytest.raises(NotImplementedError, match=r"unload\(\)"):
+        model.merge_and_unload()
+    with pytest.raises(NotImplementedError, match=r"unload\(\)"):
+        model.merge_adapter()
+
+
+def test_two_adapters_switch_and_delete():
+    model = make("llama", "selective-last")
+    perturb(model)
+    model.add_adapter("second", DoubterConfig(**SMALL, target_layers=[0, 3]))
+    ids = prompts()
+    first = logits(model, ids)
+    model.set_adapter("second")
+    assert not torch.allclose(logits(model, ids), first)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, ids), first, rtol=0, atol=0)
+    model.delete_adapter("second")
+    assert "second" not in model.base_model.doubter_encoder
+
+
+def test_non_decoder_model_lists_what_was_found():
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, vocab_size=100))
+    with pytest.raises(ValueError, match=r"Could not find the decoder blocks.*found: none"):
+        get_peft_model(bert, DoubterConfig(**SMALL, target_layers=[0]))
+
+
+def test_late_means_upper_third():
+    assert peft_doubter.config.resolve_layers("target_layers", "late", 18) == list(range(12, 18))
+    assert peft_doubter.config.resolve_layers("target_layers", "late", 32) == list(range(21, 32))
+    assert peft_doubter.config.resolve_layers("target_layers", [-1, 0], 4) == [0, 3]
