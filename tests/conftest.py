@@ -8,3 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+threadpool_limits(1)  # numpy / scikit-learn BLAS as well

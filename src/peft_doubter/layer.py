@@ -4,7 +4,7 @@ wraps an inject layer's decoder block."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -17,10 +17,16 @@ from .config import DoubterConfig
 
 @dataclass
 class InjectionState:
-    """What pass 2 injects, shared by the tuner and its layers: cognitive tokens (B, T, H) and the AGC gain."""
+    """What pass 2 injects, shared by the tuner and its layers: cognitive tokens (B, T, H), the AGC gain, and each
+    cross-attention's keys and values of the current tokens (computed once per token set, reused every decode step)."""
 
     tokens: Optional[torch.Tensor] = None
     gain: float = 1.0
+    token_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def set(self, tokens: Optional[torch.Tensor], gain: float = 1.0) -> None:
+        self.tokens, self.gain = tokens, gain
+        self.token_kv.clear()
 
 
 class LayerProjector(nn.Module):
@@ -127,22 +133,33 @@ class BottleneckCrossAttention(nn.Module):
         self.token_preference = nn.Parameter(torch.zeros(num_tokens))
         self.gate = nn.Parameter(torch.tensor([float(config.ca_gate_init)]))
 
-    def attend(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def token_keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the cognitive tokens, each (B, nh, T, hd)."""
+        batch, count, _ = tokens.shape
+        k = self.k_proj(tokens).view(batch, count, self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(tokens).view(batch, count, self.num_heads, -1).transpose(1, 2)
+        return k, v
+
+    def attend(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The un-gated update `up(attn)`, (B, S, H)."""
         batch, seq, _ = hidden.shape
-        heads = self.num_heads
         q = self.q_proj(self.down_proj(self.norm(hidden)))  # (B, S, b)
-        k, v = self.k_proj(tokens), self.v_proj(tokens)  # (B, T, b)
-        q = q.view(batch, seq, heads, -1).transpose(1, 2)  # (B, nh, S, hd)
-        k = k.view(batch, k.shape[1], heads, -1).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.view(batch, v.shape[1], heads, -1).transpose(1, 2)  # (B, nh, T, hd)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + self.token_preference  # (B, nh, S, T)
-        out = scores.softmax(dim=-1) @ v  # (B, nh, S, hd)
+        q = q.view(batch, seq, self.num_heads, -1).transpose(1, 2)  # (B, nh, S, hd)
+        scores = q @ keys.transpose(-2, -1) / math.sqrt(q.shape[-1]) + self.token_preference  # (B, nh, S, T)
+        out = scores.softmax(dim=-1) @ values  # (B, nh, S, hd)
         return self.up_proj(out.transpose(1, 2).reshape(batch, seq, -1))  # (B, S, H)
 
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        tokens = tokens.to(hidden.dtype)
-        return hidden + gain * torch.tanh(self.gate).to(hidden.dtype) * self.attend(hidden, tokens)
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        gain: float = 1.0,
+        keys_values: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        dtype = self.down_proj.weight.dtype
+        keys, values = keys_values if keys_values is not None else self.token_keys_values(tokens.to(dtype))
+        update = self.attend(hidden.to(dtype), keys, values)
+        return hidden + (gain * torch.tanh(self.gate) * update).to(hidden.dtype)
 
 
 class DoubterLayer(nn.Module, BaseTunerLayer):
@@ -180,7 +197,11 @@ class DoubterLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters or self._state.tokens is None or adapter not in self.doubter_ca:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
-        injected = self.doubter_ca[adapter](hidden, self._state.tokens, self._state.gain)
+        attention = self.doubter_ca[adapter]
+        state = self._state
+        if id(attention) not in state.token_kv:
+            state.token_kv[id(attention)] = attention.token_keys_values(state.tokens.to(attention.gate.dtype))
+        injected = attention(hidden, state.tokens, state.gain, state.token_kv[id(attention)])
         return (injected, *output[1:]) if isinstance(output, tuple) else injected
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ cross-attention added after every inject layer.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -73,6 +74,14 @@ class _Capture:
 
     def stacked(self) -> torch.Tensor:
         return torch.stack([self.features[i] for i in self.read_layers], dim=1).float()  # (B, R, D_in)
+
+
+@dataclass
+class _FirstStep:
+    """`generate`'s first step, computed during the pass-2 prefill: its output and each layer's last-token KV."""
+
+    output: Any
+    last_token_kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _hidden_of(output: Any) -> torch.Tensor:
@@ -255,7 +264,7 @@ class DoubterModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         self._remove_layer_hooks()
-        self._state.tokens = None
+        self._state.set(None)
         return super()._unload_and_optionally_merge(merge=False, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -296,11 +305,11 @@ class DoubterModel(BaseTuner):
 
     @contextlib.contextmanager
     def _injecting(self, tokens: torch.Tensor, gain: float = 1.0) -> Iterator[None]:
-        self._state.tokens, self._state.gain = tokens, gain
+        self._state.set(tokens, gain)
         try:
             yield
         finally:
-            self._state.tokens, self._state.gain = None, 1.0
+            self._state.set(None)
 
     @contextlib.contextmanager
     def _replaying(self, upto: int, output: Any) -> Iterator[None]:
@@ -354,7 +363,8 @@ class DoubterModel(BaseTuner):
             keep_output_of=keep,
             stop_after=plan.pass1_stop(keep is not None),
         )
-        saved_tokens, self._state.tokens = self._state.tokens, None
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
         try:
             with torch.no_grad(), self._capturing(capture):
                 self.model(
@@ -365,7 +375,7 @@ class DoubterModel(BaseTuner):
                     **model_kwargs,
                 )
         finally:
-            self._state.tokens = saved_tokens
+            self._state.set(saved_tokens, saved_gain)
         missing = [i for i in plan.read if i not in capture.features]
         if missing:
             raise RuntimeError(f"Pass 1 did not reach read layers {missing}; is the decoder run in order?")
@@ -442,7 +452,9 @@ class DoubterModel(BaseTuner):
         plan = self._plans[self._active]
         read_positions = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         positions = position_ids_from_mask(attention_mask)
-        reuse = reuse_prefix and plan.first_inject > 0 and input_ids.shape[1] > 1
+        reuse = reuse_prefix and plan.first_inject > 0 and not (
+            kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+        )
         pass1_cache = self._new_cache(record_past=True) if reuse else None
         capture = self.run_pass1(
             input_ids, attention_mask, read_positions, keep_prefix=reuse, past_key_values=pass1_cache,
@@ -450,12 +462,16 @@ class DoubterModel(BaseTuner):
         )
         with torch.no_grad():
             tokens = self.encode(capture.stacked())
+        first_step = None
         if reuse:
-            kwargs["past_key_values"] = self._prefill_pass2(input_ids, attention_mask, positions, capture, tokens,
-                                                              pass1_cache)
+            kwargs["past_key_values"], first_step = self._prefill_pass2(
+                input_ids, attention_mask, positions, capture, tokens, pass1_cache
+            )
         agc = config.agc_enabled if agc is None else agc
         refresh = config.dynamic_refresh if dynamic_refresh is None else dynamic_refresh
-        with self._injecting(tokens), self._decode_controls(config, agc, refresh, capture):
+        with self._injecting(tokens), self._first_step_shortcut(first_step), self._decode_controls(
+            config, agc, refresh, capture
+        ):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def _new_cache(self, record_past: bool = False) -> DynamicCache:
@@ -474,31 +490,54 @@ class DoubterModel(BaseTuner):
         capture: _Capture,
         tokens: torch.Tensor,
         pass1_cache: DynamicCache,
-    ) -> DynamicCache:
-        """Fill a KV cache for all prompt tokens but the last (which `generate` processes): layers below the first
-        inject layer come from pass 1, the rest are computed with injection, starting from pass 1's prefix output."""
+    ) -> tuple[DynamicCache, _FirstStep]:
+        """Pass 2 over the prompt: layers below the first inject layer replay pass 1 (output and KV cache), the rest
+        run with injection. Returns the cache without the last prompt token (`generate` processes that one) and the
+        shortcut that hands `generate` the already computed last-token step."""
         first_inject = self._plans[self._active].first_inject
-        last_layer = len(self._layers) - 1
-        prefix = capture.kept_output
-        prefix = (prefix[0][:, :-1], *prefix[1:]) if isinstance(prefix, tuple) else prefix[:, :-1]
-        cache = self._new_cache()
-        stopper = _Capture(read_layers=[], pooling="last", positions=capture.positions, prompt_mask=None,
-                           stop_after=last_layer)
-        with torch.no_grad(), self._injecting(tokens), self._replaying(first_inject, prefix), self._capturing(stopper):
-            self.model(
-                input_ids=input_ids[:, :-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=positions[:, :-1],
+        cache = self._new_cache(record_past=True)
+        with torch.no_grad(), self._injecting(tokens), self._replaying(first_inject, capture.kept_output):
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
-        for index in range(first_inject):
-            reused = pass1_cache.layers[index]
-            reused.crop(-1)  # a sliding-window layer records its past in pass 1, so this also trims it to the window
-            if getattr(reused, "record_past", False):
-                reused.record_past = False
-            cache.layers[index] = reused
-        return cache
+        last_token_kv = []
+        for index in range(len(cache.layers)):
+            if index < first_inject:
+                cache.layers[index] = pass1_cache.layers[index]
+            layer = cache.layers[index]
+            last_token_kv.append((layer.keys[..., -1:, :], layer.values[..., -1:, :]))
+            layer.crop(-1)  # sliding-window layers record their past here, so this also trims them to the window
+            if getattr(layer, "record_past", False):
+                layer.record_past = False
+        return cache, _FirstStep(output, last_token_kv)
+
+    @contextlib.contextmanager
+    def _first_step_shortcut(self, first_step: Optional[_FirstStep]) -> Iterator[None]:
+        """`generate`'s first model call (the last prompt token) returns the step `_prefill_pass2` already computed
+        instead of running it again; later calls run normally."""
+        if first_step is None:
+            yield
+            return
+        model = self.model
+
+        def shortcut(*args: Any, **kwargs: Any) -> Any:
+            del model.forward
+            cache = first_step.output.past_key_values
+            for layer, (keys, values) in zip(cache.layers, first_step.last_token_kv):
+                layer.update(keys, values)
+            return first_step.output
+
+        shortcut.__signature__ = inspect.signature(model.forward)  # `generate` validates kwargs against it
+        model.forward = shortcut
+        try:
+            yield
+        finally:
+            model.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def _decode_controls(self, config: DoubterConfig, agc: bool, refresh: bool, capture: _Capture) -> Iterator[None]:
@@ -532,6 +571,8 @@ class DoubterModel(BaseTuner):
             if not refresh:
                 return
             self._capture = None
+            if not live.features:  # the first step was computed during the prefill
+                return
             current = live.stacked()  # (B, R, H)
             if running_sum is not None:
                 running_sum, count = running_sum + current, count + 1
@@ -544,8 +585,8 @@ class DoubterModel(BaseTuner):
             if drifted.any():
                 with torch.no_grad():
                     fresh = self.encode(current)
-                self._state.tokens = torch.where(drifted[:, None, None], fresh.to(self._state.tokens),
-                                                 self._state.tokens)
+                tokens = torch.where(drifted[:, None, None], fresh.to(self._state.tokens), self._state.tokens)
+                self._state.set(tokens, self._state.gain)
 
         handles = [
             self.model.register_forward_pre_hook(before_step, with_kwargs=True),
