@@ -1,0 +1,234 @@
+"""Side-by-side evaluation report of the Doubter and its baselines on the same held-out questions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .metrics import risk_coverage_curve, summarize, text_behaviour
+from .risk_control import RealizedRisk, RiskControlResult
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN/inf -> None recursively, so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+@dataclass
+class EvaluationReport:
+    """Per-method summaries on one shared set of test questions (JSON-serializable).
+
+    ``correct`` is the pass-1 oracle of those questions; :meth:`add_method` refuses a method scored on others.
+    """
+
+    title: str = "Selective prediction"
+    correct: list[int] = field(default_factory=list)
+    methods: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> metrics.summarize()
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # name -> {"coverage", "risk"}
+    text_behaviour: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> metrics.text_behaviour()
+    risk_control: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add_method(
+        self,
+        name: str,
+        correct: ArrayLike,
+        confidence: ArrayLike,
+        action: ArrayLike | None = None,
+        correction_correct: ArrayLike | None = None,
+        coverages: Sequence[float] = (0.2, 0.5, 0.8),
+        n_resamples: int = 1000,
+        seed: int = 0,
+    ) -> dict[str, float]:
+        """Summarize one method (and its text behaviour when ``action`` is given); returns the summary."""
+        corr = [int(c) for c in np.asarray(correct).astype(bool)]
+        if not self.correct:
+            self.correct = corr
+        elif corr != self.correct:
+            raise ValueError(f"Method {name!r} was scored on different questions: every method must share `correct`.")
+        self.methods[name] = summarize(corr, confidence, coverages=coverages, n_resamples=n_resamples, seed=seed)
+        cov, risk = risk_coverage_curve(corr, confidence)
+        self.curves[name] = {"coverage": cov.tolist(), "risk": risk.tolist()}
+        if action is not None:
+            self.text_behaviour[name] = text_behaviour(action, corr, correction_correct)
+        return self.methods[name]
+
+    def add_risk_control(self, name: str, result: RiskControlResult, test: RealizedRisk) -> None:
+        """Record a calibrated threshold and what it realised on the test split."""
+        self.risk_control.append({"name": name, **result.to_dict(), "test": test.to_dict()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite_or_none(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationReport:
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> EvaluationReport:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_markdown(self) -> str:
+        """Tables: ranking/calibration per method, the Doubter's text behaviour, risk control."""
+        lines = [f"# {self.title}", ""]
+        if self.correct:
+            n, k = len(self.correct), sum(self.correct)
+            lines += [
+                f"{n} held-out questions, base pass-1 accuracy {_fmt(k / n)}. Brackets: 95% percentile-bootstrap "
+                "intervals over questions (Wilson intervals for the text-behaviour proportions).",
+                "",
+            ]
+        if self.methods:
+            lines += _ranking_table(self.methods)
+        if self.text_behaviour:
+            lines += _text_table(self.text_behaviour)
+        if self.risk_control:
+            lines += _risk_control_table(self.risk_control)
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _with_ci(row: Mapping[str, float | None], key: str) -> str:
+    return f"{_fmt(row.get(key))} [{_fmt(row.get(f'{key}_ci_low'))}, {_fmt(row.get(f'{key}_ci_high'))}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+    ]
+
+
+def _ranking_table(methods: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    first = next(iter(methods.values()))
+    sel_keys = sorted(
+        (k for k in first if k.startswith("sel_acc@") and "_ci_" not in k), key=lambda k: float(k.split("@")[1])
+    )
+    header = ["Method", "AUROC [CI]", "AURC", "E-AURC", "PRR"]
+    header += [f"Sel. acc@{k.split('@')[1]}% [CI]" for k in sel_keys] + ["ECE", "Brier"]
+    rows = [
+        [name, _with_ci(m, "auroc"), _fmt(m.get("aurc")), _fmt(m.get("eaurc")), _fmt(m.get("prr"))]
+        + [_with_ci(m, k) for k in sel_keys]
+        + [_fmt(m.get("ece")), _fmt(m.get("brier"))]
+        for name, m in methods.items()
+    ]
+    return ["## Ranking and calibration", "", *_table(header, rows)]
+
+
+def _text_table(behaviour: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    header = [
+        "Method", "Coverage", "Refusal rate", "Refusal precision [CI]", "Random level", "Over-refusal",
+        "Right answers declined", "Correction acc.", "Total recovery", "Sel. acc. of answered [CI]",
+    ]
+    rows = [
+        [
+            name, _fmt(b.get("coverage")), _fmt(b.get("refusal_rate")), _with_ci(b, "refusal_precision"),
+            _fmt(b.get("refusal_precision_random")), _fmt(b.get("over_refusal")), _fmt(b.get("correct_declined_rate")),
+            _fmt(b.get("correction_accuracy")), _fmt(b.get("total_recovery")), _with_ci(b, "selective_accuracy"),
+        ]
+        for name, b in behaviour.items()
+    ]
+    notes = [
+        "Declined and answered-differently (corrected) are counted apart. Coverage: fraction not declined. "
+        "Refusal precision: declines where the base answer was wrong / declines; random level: 1 - base accuracy. "
+        "Over-refusal: declines where the base answer was right / declines. Right answers declined: / right "
+        "answers. Total recovery: (successful corrections + declines of wrong answers) / wrong answers.",
+        "",
+    ]
+    return ["## Text behaviour", "", *_table(header, rows), *notes]
+
+
+def _risk_control_table(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    header = [
+        "Method", "Procedure", "Controls", "Target", "δ", "Threshold", "Cal. coverage", "Test coverage",
+        "Realised risk", "Within target",
+    ]
+    rows = []
+    for e in entries:
+        realised = e["test"]["selective_risk" if e["controlled_risk"] == "selective" else "joint_risk"]
+        if realised is None or not math.isfinite(realised):
+            within = "–"
+        else:
+            within = "yes" if realised <= e["target_risk"] else "no"
+        threshold = "abstain all" if e["abstain_all"] else _fmt(e["threshold"], 4)
+        rows.append([
+            e["name"], e["method"].upper(), f"{e['controlled_risk']} risk", _fmt(e["target_risk"]), _fmt(e["delta"]),
+            threshold, _fmt(e["calibration_coverage"]), _fmt(e["test"]["coverage"]), _fmt(realised), within,
+        ])
+    notes = [
+        "Selective risk: wrong / answered (LTT: holds with probability >= 1 - δ over calibration draws). "
+        "Joint risk: wrong answers / all questions (CRC: holds in expectation).",
+        "",
+    ]
+    return ["## Risk control: target vs realised risk", "", *_table(header, rows), *notes]
+
+
+def plot_risk_coverage(
+    report_or_curves: EvaluationReport | Mapping[str, tuple[ArrayLike, ArrayLike]],
+    path: str | os.PathLike[str],
+    correct: ArrayLike | None = None,
+) -> None:
+    """Risk–coverage curves of every method with the random level and the oracle curve, saved to ``path``.
+
+    Takes a report (curves, oracle and risk-control entries come from it) or ``{name: (coverages, risks)}`` with
+    ``correct`` for the random and oracle references. A report with risk-control entries adds a second panel,
+    target vs realised risk on the test split.
+    """
+    from matplotlib.figure import Figure  # optional `eval` dependency; no pyplot, so no global backend change
+
+    if isinstance(report_or_curves, EvaluationReport):
+        curves = {k: (v["coverage"], v["risk"]) for k, v in report_or_curves.curves.items()}
+        correct = report_or_curves.correct
+        entries = report_or_curves.risk_control
+    else:
+        curves, entries = dict(report_or_curves), []
+    fig = Figure(figsize=(11, 4.5) if entries else (6, 4.5))
+    ax = fig.add_subplot(1, 2 if entries else 1, 1)
+    for name, (cov, risk) in curves.items():
+        ax.plot(cov, risk, drawstyle="steps-post", label=name)
+    if correct is not None and len(correct):
+        corr = np.asarray(correct).astype(bool)
+        n, n_right = corr.size, int(corr.sum())
+        k = np.arange(1, n + 1)
+        ax.axhline(1.0 - n_right / n, color="grey", linestyle="--", label="random level (base error rate)")
+        ax.plot(k / n, np.maximum(0, k - n_right) / k, color="black", linestyle=":", label="oracle ranking")
+    ax.set(xlabel="coverage", ylabel="selective risk (error rate of answered)", xlim=(0, 1), ylim=(0, None))
+    ax.set_title("Risk–coverage")
+    ax.legend(fontsize="small")
+    if entries:
+        rc = fig.add_subplot(1, 2, 2)
+        for e in entries:
+            realised = e["test"]["selective_risk" if e["controlled_risk"] == "selective" else "joint_risk"]
+            if realised is not None and math.isfinite(realised):
+                label = f"{e['name']} ({e['method']}, {e['controlled_risk']})"
+                rc.scatter([e["target_risk"]], [realised], label=label)
+        top = max([e["target_risk"] for e in entries] + [0.05]) * 1.2
+        rc.plot([0, top], [0, top], color="black", linestyle=":", label="realised = target")
+        rc.set(xlabel="target risk", ylabel="realised test risk", xlim=(0, top), ylim=(0, None))
+        rc.set_title("Risk control: target vs realised")
+        rc.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
