@@ -84,6 +84,20 @@ class _FirstStep:
     last_token_kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Any) -> Iterator[None]:
+    """Temporarily replace `module.forward`, restoring whatever was there (e.g. TRL's fused-LM-head patch)."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
 def _hidden_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -316,13 +330,10 @@ class DoubterModel(BaseTuner):
         """Layers below `upto` return pass 1's output of layer `upto - 1` instead of recomputing it (they are
         identical in both passes: nothing is injected below the first inject layer)."""
         layers = list(self._layers[:upto]) if output is not None else []
-        for layer in layers:
-            layer.forward = lambda *args, **kwargs: output
-        try:
-            yield
-        finally:
+        with contextlib.ExitStack() as stack:
             for layer in layers:
-                del layer.forward
+                stack.enter_context(_forward_replaced(layer, lambda *args, **kwargs: output))
+            yield
 
     def _check_prompt(self, input_ids: Optional[torch.Tensor], attention_mask: torch.Tensor) -> None:
         if input_ids is None:
@@ -524,20 +535,22 @@ class DoubterModel(BaseTuner):
             yield
             return
         model = self.model
+        calls = 0
 
         def shortcut(*args: Any, **kwargs: Any) -> Any:
-            del model.forward
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                return original(*args, **kwargs)
             cache = first_step.output.past_key_values
             for layer, (keys, values) in zip(cache.layers, first_step.last_token_kv):
                 layer.update(keys, values)
             return first_step.output
 
-        shortcut.__signature__ = inspect.signature(model.forward)  # `generate` validates kwargs against it
-        model.forward = shortcut
-        try:
+        original = model.forward
+        shortcut.__signature__ = inspect.signature(original)  # `generate` validates kwargs against it
+        with _forward_replaced(model, shortcut):
             yield
-        finally:
-            model.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def _decode_controls(self, config: DoubterConfig, agc: bool, refresh: bool, capture: _Capture) -> Iterator[None]:

@@ -1,0 +1,70 @@
+"""`DoubterSFTConfig`: TRL's `SFTConfig` with the Doubter's training settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from trl import SFTConfig
+
+
+@dataclass
+class DoubterSFTConfig(SFTConfig):
+    """Training arguments of the Doubter's two-pass loss.
+
+    Changed defaults of `SFTConfig` (grouped as in TRL):
+    - schedule: `learning_rate=2e-4`, cosine with 5% warm-up, 6 epochs with early stopping on validation loss;
+    - batches: 8 per device, gradient accumulation 4 (effective 32);
+    - data: rows are tokenized by `peft_doubter.targets` (prompt labels -100) and carry pass-1 features, so TRL's
+      dataset preparation is skipped and unused columns are kept for the collator;
+    - evaluation and checkpoints every epoch, the best (lowest `eval_loss`) reloaded at the end; no reporting;
+    - bf16 only where the hardware supports it (TRL's default would fail on CPU).
+    """
+
+    gate_lr_multiplier: float = field(
+        default=5.0, metadata={"help": "Learning-rate multiplier of the gates and token preferences."}
+    )
+    pretrain_projectors: bool = field(
+        default=True,
+        metadata={"help": "Pre-train each encoder projector as a correctness probe before the main training."},
+    )
+    probe_epochs: int = field(default=30, metadata={"help": "Epochs of projector probe pre-training."})
+    probe_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of probe pre-training."})
+    early_stopping_patience: Optional[int] = field(
+        default=2, metadata={"help": "Stop after this many evaluations without improvement (None: never)."}
+    )
+    train_from_cache: bool = field(
+        default=True,
+        metadata={"help": "Feed cached pass-1 features (pass 2 only). False runs both passes every step."},
+    )
+
+    learning_rate: float = field(default=2e-4, metadata={"help": "Base learning rate (AdamW)."})
+    lr_scheduler_type: Any = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_ratio: Optional[float] = field(default=0.05, metadata={"help": "Share of steps for linear warm-up."})
+    num_train_epochs: float = field(default=6.0, metadata={"help": "Maximum epochs (early stopping guards)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Evaluation batch size per device."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Gradient accumulation steps."})
+    eval_strategy: Any = field(default="epoch", metadata={"help": "When to evaluate."})
+    save_strategy: Any = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint."})
+    metric_for_best_model: Optional[str] = field(default="eval_loss", metadata={"help": "Checkpoint selection."})
+    greater_is_better: Optional[bool] = field(default=False, metadata={"help": "Lower eval loss is better."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
+    report_to: Any = field(default="none", metadata={"help": "Integrations to report to."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the collator's columns."})
+    dataset_kwargs: Optional[dict[str, Any]] = field(
+        default_factory=lambda: {"skip_prepare_dataset": True},
+        metadata={"help": "Rows come tokenized from `peft_doubter.targets`."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:  # TRL turns bf16 on by default; only where the hardware has it
+            self.bf16 = not self.fp16 and not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+        if self.gate_lr_multiplier <= 0:
+            raise ValueError(f"`gate_lr_multiplier` must be > 0, got {self.gate_lr_multiplier}.")
+        if self.probe_epochs < 0:
+            raise ValueError(f"`probe_epochs` must be >= 0, got {self.probe_epochs}.")
