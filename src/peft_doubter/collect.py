@@ -86,6 +86,16 @@ class Pass1Answer:
     option_logprobs: list[float] = field(default_factory=list)
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-sequence plus every token whose text contains a newline: open answers end at the first newline."""
+    cached = getattr(tokenizer, "_doubter_stop_ids", None)
+    if cached is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        cached = sorted({tokenizer.eos_token_id, *(i for i, text in enumerate(texts) if "\n" in text)} - {None})
+        tokenizer._doubter_stop_ids = cached
+    return cached
+
+
 def _first_token_stats(logits: torch.Tensor) -> tuple[list[float], float]:
     logprobs = logits.float().log_softmax(-1)
     top2 = logprobs.topk(2).values.tolist()
@@ -99,14 +109,15 @@ def answer_open(model, tokenizer, inputs: dict, answers: list[list[str]], questi
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                             stop_strings=["\n"], tokenizer=tokenizer)
+                             eos_token_id=stop_token_ids(tokenizer))
     generated = out.sequences[:, inputs["input_ids"].shape[1]:]
     logits = torch.stack(out.logits, dim=1)  # (B, steps, V)
     results = []
     for row, tokens in enumerate(generated):
+        stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
         kept: list[int] = []
         for token in tokens.tolist():
-            if token in (tokenizer.eos_token_id, tokenizer.pad_token_id) or "\n" in tokenizer.decode([token]):
+            if token in stops:
                 break
             kept.append(token)
         text = first_line(tokenizer.decode(kept, skip_special_tokens=True))

@@ -84,7 +84,7 @@ def pretrain_projectors(
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

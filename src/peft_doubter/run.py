@@ -1,0 +1,337 @@
+"""A run directory ties the stages together: `collect` writes `run.json` (model, layers, dataset, splits), `train`,
+`eval`, `ask`, `export` and `push` read it, so later stages need only the run directory.
+
+    run_dir/run.json          the manifest
+    run_dir/cache/            the activation cache (resumable shards)
+    run_dir/checkpoints/      trainer checkpoints (resumable)
+    run_dir/adapter/          the trained adapter (safetensors)
+    run_dir/eval/             report.json, report.md, risk_coverage.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model
+
+from . import backbone, evaluation
+from .baselines import answer_probability_scores, baseline_confidences, random_confidence
+from .base_models import load_base_model
+from .collect import JUDGES, CollectConfig, cache_identity, collect, load_cache, stop_token_ids
+from .config import DoubterConfig
+from .data import BENCHMARKS, load_benchmark, load_user_dataset
+from .prompts import PromptConfig
+from .report import EvaluationReport, plot_risk_coverage
+from .risk_control import calibrate, realized
+from .splits import assert_disjoint, check_no_overlap, split_by_question
+from .targets import build_training_set, gold_answer
+from .trainer_config import DoubterSFTConfig
+
+MANIFEST = "run.json"
+# DoubterConfig fields a user sets; the rest (peft_type, fingerprint, target_modules, ...) PEFT or we fill in.
+DOUBTER_USER_FIELDS = tuple(
+    f.name for f in dataclasses.fields(DoubterConfig)
+    if f.name not in {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
+                      "inference_mode", "base_fingerprint", "target_modules"}
+)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no {MANIFEST}: run `peft-doubter collect --run-dir {run_dir}` first.")
+    return json.loads(path.read_text())
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    path = Path(run_dir) / MANIFEST
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(manifest, indent=2, default=str))
+    partial.replace(path)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"`dtype` must be one of {sorted(dtypes)}, got {name!r}.")
+    return dtypes[name]
+
+
+def load_base(collect_config: CollectConfig):
+    """The run's frozen base model and tokenizer."""
+    quantization = None
+    if collect_config.quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        quantization = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=_dtype(collect_config.dtype))
+            if collect_config.quantization == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
+        )
+    return load_base_model(collect_config.model, dtype=_dtype(collect_config.dtype), quantization_config=quantization)
+
+
+def load_questions(config: CollectConfig) -> datasets.Dataset:
+    if config.dataset in BENCHMARKS:
+        return load_benchmark(config.dataset, split=config.dataset_split)
+    if not Path(config.dataset).exists():
+        raise ValueError(
+            f"Unknown dataset {config.dataset!r}: not a benchmark ({', '.join(BENCHMARKS)}) and no such file."
+        )
+    return load_user_dataset(config.dataset, question_column=config.question_column,
+                             answer_column=config.answer_column, choices_column=config.choices_column,
+                             label_column=config.label_column)
+
+
+def sample_and_split(questions: datasets.Dataset, collect_config: CollectConfig, k_shot: int
+                     ) -> tuple[datasets.Dataset, list[dict], dict[str, Any]]:
+    """Seeded sample with a disjoint exemplar pool (the first `k_shot` shuffled questions) and a question-level
+    train/val/test split checked for overlap. Returns the questions (with a `split` column), the exemplars and the
+    split manifest."""
+    if len(questions) == 0:
+        raise ValueError(f"Dataset {collect_config.dataset!r} is empty.")
+    shuffled = questions.shuffle(seed=collect_config.seed)
+    exemplars = [dict(row) for row in shuffled.select(range(min(k_shot, len(shuffled))))]
+    rest = shuffled.select(range(len(exemplars), len(shuffled)))
+    if collect_config.limit is not None:
+        rest = rest.select(range(min(collect_config.limit, len(rest))))
+    if len(rest) < 10:
+        raise ValueError(f"Only {len(rest)} questions left after taking {len(exemplars)} exemplars; need >= 10.")
+    train_fraction = 1 - collect_config.val_fraction - collect_config.test_fraction
+    splits, manifest = split_by_question(
+        rest, {"train": train_fraction, "val": collect_config.val_fraction, "test": collect_config.test_fraction},
+        seed=collect_config.seed,
+    )
+    check_no_overlap(splits)
+    check_no_overlap({"exemplars": exemplars, "questions": rest})
+    assert_disjoint([e["id"] for e in exemplars], rest["id"])
+    manifest["exemplar_ids"] = [e["id"] for e in exemplars]
+    parts = [ds.add_column("split", [name] * len(ds)) for name, ds in splits.items()]
+    return datasets.concatenate_datasets(parts), exemplars, manifest
+
+
+def _doubter_config(values: dict[str, Any]) -> DoubterConfig:
+    unknown = sorted(set(values) - set(DOUBTER_USER_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown Doubter settings {unknown}.")
+    return DoubterConfig(**values)
+
+
+def collect_run(run_dir: Path, collect_config: CollectConfig, prompt_config: PromptConfig,
+                doubter_values: dict[str, Any]) -> datasets.Dataset:
+    """Stage 1: answer the sampled questions with the frozen base and cache pass-1 activations."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doubter_config = _doubter_config(doubter_values)
+    manifest_path = run_dir / MANIFEST
+    if manifest_path.exists():
+        previous = read_manifest(run_dir)
+        if previous["collect"]["model"] != collect_config.model:
+            raise ValueError(
+                f"{run_dir} was made for base model {previous['collect']['model']!r}, not {collect_config.model!r}: "
+                "use another --run-dir."
+            )
+    questions, exemplars, split_manifest = sample_and_split(load_questions(collect_config), collect_config,
+                                                            prompt_config.k_shot)
+    base, tokenizer = load_base(collect_config)
+    model = get_peft_model(base, doubter_config).eval()
+    plan = model.base_model._plans["default"]
+    manifest = {
+        "version": 1,
+        "collect": dataclasses.asdict(collect_config),
+        "prompt": dataclasses.asdict(prompt_config),
+        "doubter": {name: getattr(doubter_config, name) for name in DOUBTER_USER_FIELDS},
+        "read_layers": plan.read,
+        "inject_layers": plan.inject,
+        "base_fingerprint": backbone.fingerprint(base),
+        "splits": split_manifest,
+        "exemplars": exemplars,
+        "cache": "cache",
+    }
+    identity = cache_identity(base, plan.read, doubter_config.pooling, prompt_config, collect_config,
+                              split_manifest["exemplar_ids"])
+    write_manifest(run_dir, manifest)
+    cache = collect(model, tokenizer, questions, run_dir / "cache", identity, prompt_config, exemplars,
+                    collect_config)
+    manifest["cache_summary"] = {
+        split: {"questions": int(sum(1 for s in cache["split"] if s == split)),
+                "base_accuracy": float(sum(c for s, c in zip(cache["split"], cache["correct"]) if s == split)
+                                       / max(1, sum(1 for s in cache["split"] if s == split)))}
+        for split in ("train", "val", "test")
+    }
+    manifest["cache_summary"]["prompts_truncated"] = int(sum(cache["prompt_truncated"]))
+    write_manifest(run_dir, manifest)
+    return cache
+
+
+def load_run_model(run_dir: Path, adapter: bool = True, doubter_values: Optional[dict[str, Any]] = None):
+    """(PeftModel, tokenizer, manifest) of a run: the base with the trained adapter, or a fresh Doubter built from
+    `doubter_values` (default: the manifest's settings)."""
+    manifest = read_manifest(run_dir)
+    collect_config = CollectConfig(**manifest["collect"])
+    base, tokenizer = load_base(collect_config)
+    problems = backbone.fingerprint_mismatch(manifest["base_fingerprint"], backbone.fingerprint(base))
+    if problems:
+        raise ValueError(f"{run_dir} was made for another base model: " + "; ".join(problems))
+    adapter_dir = Path(run_dir) / manifest.get("adapter", "adapter")
+    if adapter:
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{run_dir} has no trained adapter: run `peft-doubter train --run-dir {run_dir}`.")
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    else:
+        model = get_peft_model(base, _doubter_config(doubter_values or manifest["doubter"]))
+    return model.eval(), tokenizer, manifest
+
+
+def train_run(run_dir: Path, training_args: DoubterSFTConfig, doubter_overrides: Optional[dict[str, Any]] = None):
+    """Stage 2: train the Doubter on the cached train split (early stopping on val), resuming from the last
+    checkpoint when one exists, and save the adapter."""
+    from .trainer import DoubterTrainer
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    read_side = {"target_layers", "pooling"} & set(doubter_overrides or {})
+    changed = [k for k in read_side if doubter_overrides[k] != manifest["doubter"][k]]
+    if changed:
+        raise ValueError(f"{changed} were fixed at collection (the cache holds those layers); collect a new run.")
+    manifest["doubter"].update(doubter_overrides or {})
+    model, tokenizer, _ = load_run_model(run_dir, adapter=False, doubter_values=manifest["doubter"])
+    cache = load_cache(run_dir / manifest["cache"])
+    prompt = PromptConfig(**manifest["prompt"])
+    config = model.peft_config["default"]
+    rows = build_training_set(cache, tokenizer, config, prompt.mc_format, prompt.style == "chat",
+                              seed=manifest["collect"]["seed"])
+    split = cache["split"]
+    train = rows.select([i for i, s in enumerate(split) if s == "train"])
+    val = rows.select([i for i, s in enumerate(split) if s == "val"])
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"The cache of {run_dir} has no train or no val questions.")
+    if not any(train["correct"]) or all(train["correct"]):
+        warnings.warn("Every training question has the same pass-1 correctness: the Doubter can only learn to "
+                      "always answer or always decline.")
+    training_args.output_dir = str(run_dir / "checkpoints")
+    trainer = DoubterTrainer(model, training_args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    model.save_pretrained(run_dir / "adapter")
+    manifest["adapter"] = "adapter"
+    manifest["train"] = {
+        "args": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+        "resumed_from": str(checkpoints[-1]) if checkpoints else None,
+        "metrics": result.metrics,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "log_history": trainer.state.log_history,
+        "train_questions": len(train),
+        "val_questions": len(val),
+    }
+    write_manifest(run_dir, manifest)
+    return trainer
+
+
+def eval_run(run_dir: Path, config: evaluation.EvalConfig, model=None, tokenizer=None) -> EvaluationReport:
+    """Stage 3: the Doubter and every baseline on the held-out split; writes eval/report.{json,md} and the
+    risk–coverage plot."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if model is None:
+        model, tokenizer, manifest = load_run_model(run_dir)
+    prompt = PromptConfig(**manifest["prompt"])
+    chat, mc_format = prompt.style == "chat", prompt.mc_format
+    doubter_config = model.peft_config[model.active_adapter]
+    cache = load_cache(run_dir / manifest["cache"])
+    by_split = {name: [row for row in cache if row["split"] == name] for name in ("train", "val", config.eval_split)}
+    test = by_split[config.eval_split][: config.max_questions] if config.max_questions else by_split[config.eval_split]
+    if not test:
+        raise ValueError(f"No cached questions in split {config.eval_split!r} of {run_dir}.")
+    train, val = by_split["train"], by_split["val"]
+    correct = np.array([row["correct"] for row in test], dtype=bool)
+    refusal = doubter_config.refusal_text
+
+    confidence = evaluation.doubter_confidence(model, tokenizer, test, refusal, mc_format, chat, config.eval_batch_size)
+    report = EvaluationReport(title=f"Doubter evaluation: {manifest['collect']['model']} on "
+                                    f"{manifest['collect']['dataset']} ({config.eval_split})")
+    report.meta = {"run_dir": str(run_dir), "split": config.eval_split, "n": len(test),
+                   "train_questions": len(train), "eval_config": dataclasses.asdict(config)}
+    summaries = {}
+    action_kwargs: dict[str, Any] = {}
+    if config.generate_text:
+        judge = JUDGES[manifest["collect"]["judge"]]()
+        actions, right, changed, texts = evaluation.generate_actions(model, tokenizer, test, config, refusal, judge, chat,
+                                                          mc_format)
+        action_kwargs = {"action": actions, "correction_correct": right}
+        report.meta["answered_differently"] = int(sum(c for a, c in zip(actions, changed) if a == "answered"))
+        report.meta["answered_differently_right"] = int(
+            sum(r for a, c, r in zip(actions, changed, right) if a == "answered" and c))
+        report.meta["examples"] = [
+            {"question": row["question"], "gold": gold_answer(row, mc_format), "pass1": row["pass1_answer"],
+             "pass1_correct": bool(row["correct"]), "doubter": text, "action": action}
+            for row, text, action in list(zip(test, texts, actions))[:20]
+        ]
+    summaries["doubter"] = report.add_method("doubter", correct, confidence, n_resamples=config.n_resamples,
+                                             seed=config.bootstrap_seed, **action_kwargs)
+    hidden = lambda rows: np.stack([np.asarray(r["features"]).reshape(-1) for r in rows])  # noqa: E731
+    try:
+        baselines = baseline_confidences(evaluation.pass_one_features(train), [r["correct"] for r in train],
+                                         evaluation.pass_one_features(test), hidden(train), hidden(test),
+                                         seed=config.bootstrap_seed)
+    except ValueError as error:  # e.g. a train split with one class: no probe can be fit
+        report.meta["skipped_baselines"] = str(error)
+        baselines = {"random": random_confidence(len(test), seed=config.bootstrap_seed),
+                     **answer_probability_scores(evaluation.pass_one_features(test))}
+    for name, scores in baselines.items():
+        summaries[name] = report.add_method(name, correct, scores, n_resamples=config.n_resamples, seed=config.bootstrap_seed)
+
+    val_confidence = evaluation.doubter_confidence(model, tokenizer, val, refusal, mc_format, chat, config.eval_batch_size)
+    val_correct = np.array([row["correct"] for row in val], dtype=bool)
+    target = config.target_risk if config.target_risk is not None else (1 - val_correct.mean()) / 2
+    result = calibrate(target, val_confidence, val_correct, delta=config.delta)
+    report.add_risk_control("doubter", result, realized(result.threshold, confidence, correct))
+
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    report.to_json(out / "report.json")
+    (out / "report.md").write_text(report.to_markdown())
+    plot_risk_coverage(report, out / "risk_coverage.png")
+    manifest["eval"] = {"report": "eval/report.json", "threshold": result.threshold, "target_risk": target}
+    write_manifest(run_dir, manifest)
+    return report
+
+
+def ask(run_dir: Path, question: str, max_new_tokens: int = 32, model=None, tokenizer=None) -> tuple[str, bool]:
+    """Two-pass answer of the run's Doubter to one question: (text, declined)."""
+    from .prompts import build_prompt, first_line
+    from .scoring import is_refusal
+
+    if not question.strip():
+        raise ValueError("Empty question.")
+    manifest = read_manifest(run_dir)
+    if model is None:
+        model, tokenizer, manifest = load_run_model(run_dir)
+    prompt_config = PromptConfig(**manifest["prompt"])
+    example = {"id": "ask", "question": question.strip(), "answers": [], "choices": [], "label": -1, "subject": ""}
+    prompt = build_prompt(example, tokenizer, prompt_config, manifest["exemplars"])
+    inputs = tokenizer(prompt.text, return_tensors="pt", add_special_tokens=prompt_config.style != "chat")
+    out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    text = first_line(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return text, is_refusal(text, model.peft_config[model.active_adapter].refusal_text)
+
+
+def show_examples(run_dir: Path) -> None:
+    """Print one answered and one declined held-out question from the evaluation."""
+    examples = json.loads((Path(run_dir) / "eval" / "report.json").read_text())["meta"].get("examples", [])
+    for action in ("answered", "declined"):
+        chosen = next((e for e in examples if e["action"] == action), None)
+        if chosen is None:
+            print(f"\nNo {action} question among the first {len(examples)} held-out examples.")
+            continue
+        verdict = "right" if chosen["pass1_correct"] else "wrong"
+        print(f"\n[{action}] Q: {chosen['question']}\n  Doubter: {chosen['doubter']!r}\n  "
+              f"base pass 1: {chosen['pass1']!r} ({verdict}); gold: {chosen['gold']!r}")
