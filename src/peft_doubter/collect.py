@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import backbone
+from .model import position_ids_from_mask
 from .prompts import LETTERS, PromptConfig, build_prompt, first_line, score_cloze_options
 from .scoring import ContainmentJudge, ExactMatchJudge, Judge
 
@@ -140,7 +141,8 @@ def answer_letter(model, tokenizer, inputs: dict, choices: list[list[str]], labe
                   ) -> list[Pass1Answer]:
     """The most probable option letter at the answer position, among the question's letters."""
     with torch.no_grad():
-        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        positions = position_ids_from_mask(inputs["attention_mask"])
+        logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1]
     results = []
     for row, options in enumerate(choices):
         letter_ids = [tokenizer(f" {LETTERS[i]}", add_special_tokens=False)["input_ids"][-1]
@@ -264,21 +266,23 @@ def _collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Prom
     texts = [p.text for p in prompts]
     chat = prompt_config.style == "chat"
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(peft_model.device)
-    seq_len = inputs["input_ids"].shape[1]
-    positions = torch.full((len(batch),), seq_len - 1, device=peft_model.device)
-    pooled = peft_model.base_model.run_pass1(inputs["input_ids"], inputs["attention_mask"], positions,
-                                             keep_prefix=False).stacked()
+    doubter = peft_model.base_model
     with peft_model.disable_adapter():
-        base = peft_model.base_model.model
+        base = doubter.model
         if not batch[0]["choices"]:
-            answers = answer_open(base, tokenizer, inputs, [e["answers"] for e in batch],
-                                  [e["question"] for e in batch], judge, collect_config.max_new_tokens)
+            with doubter.capturing_prompt(inputs["attention_mask"]) as capture:
+                answers = answer_open(base, tokenizer, inputs, [e["answers"] for e in batch],
+                                      [e["question"] for e in batch], judge, collect_config.max_new_tokens)
         elif prompt_config.mc_format == "cloze":
+            with doubter.capturing_prompt(inputs["attention_mask"]) as capture, torch.no_grad():
+                base(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), logits_to_keep=1)
             answers = [answer_cloze(base, tokenizer, text, e["choices"], e["label"], chat)
                        for text, e in zip(texts, batch)]
         else:
-            answers = answer_letter(base, tokenizer, inputs, [e["choices"] for e in batch],
-                                    [e["label"] for e in batch])
+            with doubter.capturing_prompt(inputs["attention_mask"]) as capture:
+                answers = answer_letter(base, tokenizer, inputs, [e["choices"] for e in batch],
+                                        [e["label"] for e in batch])
+    pooled = capture.stacked()
     return [
         {
             "id": example["id"], "question": example["question"], "answers": example["answers"],

@@ -21,7 +21,7 @@ from .baselines import PassOneFeatures
 from .collect import stop_token_ids
 from .prompts import LETTERS, PromptConfig, first_line
 from .scoring import extract_correction, extract_letter, is_correction, is_refusal, normalize_answer
-from .targets import gold_answer, tokenize_example
+from .targets import align_prompts, target_columns, tokenize_example
 
 
 @dataclass
@@ -42,23 +42,6 @@ class EvalConfig:
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the random baseline and the bootstrap."})
 
 
-def _left_padded(rows: list[dict[str, list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Left-pad prompts so every prompt ends in the same column, then right-pad the continuations."""
-    prompt_lengths = [sum(1 for label in row["labels"] if label == -100) for row in rows]
-    prompt_width = max(prompt_lengths)
-    width = prompt_width + max(len(r["input_ids"]) - p for r, p in zip(rows, prompt_lengths))
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, length) in enumerate(zip(rows, prompt_lengths)):
-        start = prompt_width - length
-        end = start + len(row["input_ids"])
-        input_ids[i, start:end] = torch.as_tensor(row["input_ids"])
-        labels[i, start:end] = torch.as_tensor(row["labels"])
-        mask[i, start:end] = 1
-    return input_ids, mask, labels, prompt_width
-
-
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
                           features: torch.Tensor, chat: bool) -> torch.Tensor:
@@ -66,12 +49,12 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     LM-head logits are computed only for the continuation columns."""
     rows = [tokenize_example(tokenizer, p, c, chat) for p, c in zip(prompts, continuations)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, mask, labels, prompt_width = _left_padded(rows, pad)
+    batch = align_prompts(rows, pad)
     device = model.device
-    keep = torch.arange(prompt_width - 1, input_ids.shape[1] - 1, device=device)
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), pass1_features=features.to(device),
-                   logits_to_keep=keep).logits.float()  # (B, K, V)
-    targets = labels[:, prompt_width:].to(device)  # (B, K)
+    columns = target_columns(batch["labels"]).to(device)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   pass1_features=features.to(device), logits_to_keep=columns).logits.float()  # (B, K, V)
+    targets = batch["labels"][:, columns.cpu() + 1].to(device)  # (B, K)
     logprobs = logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
     return (logprobs * (targets != -100)).sum(-1).cpu()
 

@@ -392,6 +392,31 @@ class DoubterModel(BaseTuner):
             raise RuntimeError(f"Pass 1 did not reach read layers {missing}; is the decoder run in order?")
         return capture
 
+    @contextlib.contextmanager
+    def capturing_prompt(self, attention_mask: torch.Tensor) -> Iterator[_Capture]:
+        """Record the read-layer features of the next forward call of the base model only (e.g. `generate`'s
+        prefill of a left-padded batch, with adapters disabled: that forward is pass 1), sparing a second prompt
+        forward when the base's own answer is generated anyway."""
+        config = self.peft_config[self.active_adapters[0]]
+        columns = attention_mask.shape[1]
+        capture = _Capture(
+            read_layers=self._plans[self.active_adapters[0]].read,
+            pooling=config.pooling,
+            positions=torch.full((attention_mask.shape[0],), columns - 1, device=attention_mask.device),
+            prompt_mask=attention_mask.bool() if config.pooling != "last" else None,
+        )
+
+        def first_call_done(module: nn.Module, args: tuple, output: Any) -> None:
+            self._capture = None
+
+        handle = self.model.register_forward_hook(first_call_done)
+        self._capture = capture
+        try:
+            yield capture
+        finally:
+            handle.remove()
+            self._capture = None
+
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Cognitive tokens (B, T, H) from pooled read-layer features (B, R, D_in)."""
         name = self._active or self.active_adapters[0]

@@ -81,10 +81,13 @@ def load_base(collect_config: CollectConfig):
 def load_questions(config: CollectConfig) -> datasets.Dataset:
     if config.dataset in BENCHMARKS:
         return load_benchmark(config.dataset, split=config.dataset_split)
-    if not Path(config.dataset).exists():
+    path = Path(config.dataset)
+    if not path.exists():
         raise ValueError(
             f"Unknown dataset {config.dataset!r}: not a benchmark ({', '.join(BENCHMARKS)}) and no such file."
         )
+    if path.is_file() and not path.read_text(errors="replace").strip():
+        raise ValueError(f"Dataset file {path} is empty.")
     return load_user_dataset(config.dataset, question_column=config.question_column,
                              answer_column=config.answer_column, choices_column=config.choices_column,
                              label_column=config.label_column)

@@ -1,8 +1,11 @@
 """`DoubterTrainer`: TRL's `SFTTrainer` for the Doubter's two-pass loss.
 
-The loss is TRL's completion-only cross-entropy; TRL's fused LM head computes log-probabilities only where labels
-are not -100 (Gemma's vocabulary has 262k entries, so full logits would dominate memory). Rows carrying cached pass-1
-features (`pass1_features`) run pass 2 only. Gates and token preferences learn `gate_lr_multiplier` times faster.
+The loss is the completion-only cross-entropy. LM-head logits are computed only in the target columns (prompts are
+aligned to end in one column, so the targets of a batch share a few columns): Gemma's vocabulary has 262k entries,
+so full logits would dominate time and memory. TRL's fused LM head does the same job but measured several times
+slower than the full-logits step on CPU here (`benchmarks/bench_training.py`), so `compute_loss` slices logits
+through `logits_to_keep` instead. Rows carrying cached pass-1 features (`pass1_features`) run pass 2 only. Gates and
+token preferences learn `gate_lr_multiplier` times faster.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from transformers import EarlyStoppingCallback
 from trl import SFTTrainer
 
 from .model import DoubterModel
+from .targets import align_prompts, target_columns
 from .trainer_config import DoubterSFTConfig
 
 FAST_PARAMETERS = ("gate", "gates", "token_preference")
@@ -25,25 +29,31 @@ FAST_PARAMETERS = ("gate", "gates", "token_preference")
 
 @dataclass
 class DoubterCollator:
-    """Right-pads prompt+target rows; stacks cached pass-1 features when the rows carry them and they are used."""
+    """Batches prompt+target rows with aligned prompt ends (see `align_prompts`); stacks cached pass-1 features
+    when the rows carry them and they are used."""
 
     pad_token_id: int
     use_cached_features: bool = True
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        length = max(len(row["input_ids"]) for row in rows)
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(row["input_ids"])
-            labels[i, :n] = torch.as_tensor(row["labels"])
-            attention_mask[i, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = align_prompts(list(rows), self.pad_token_id)
         if self.use_cached_features and "pass1_features" in rows[0]:
             batch["pass1_features"] = torch.stack([torch.as_tensor(row["pass1_features"]) for row in rows]).float()
         return batch
+
+
+def target_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None
+                ) -> tuple[torch.Tensor, Any]:
+    """(mean cross-entropy over target tokens, model outputs), with LM-head logits only in the target columns."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    columns = target_columns(labels)
+    outputs = model(**inputs, logits_to_keep=columns.to(labels.device), use_cache=False)
+    targets = labels[:, columns + 1]  # (B, K)
+    loss = nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(),
+                                       ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
 
 
 def is_fast_parameter(name: str) -> bool:
@@ -135,6 +145,14 @@ class DoubterTrainer(SFTTrainer):
             ]
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Cross-entropy of the target tokens, with LM-head logits only in the target columns."""
+        loss, outputs = target_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def pretrain_projectors(self) -> list[float]:
         """Probe pre-training of the projectors on the training rows' cached features and correctness."""

@@ -1,0 +1,213 @@
+"""The collect -> train -> eval pipeline on a tiny local model: cache, resumption, targets, trainer, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_doubter import DoubterConfig, cli, run
+from peft_doubter.collect import CollectConfig, load_cache
+from peft_doubter.prompts import PromptConfig
+from peft_doubter.targets import choose_target, tokenize_example
+from peft_doubter.trainer import DoubterTrainer, is_fast_parameter, pretrain_projectors
+from peft_doubter.trainer_config import DoubterSFTConfig
+
+import tiny_models
+import tiny_run
+
+DOUBTER = dict(target_layers=[1, 2, 3], encoder_bottleneck_dim=32, ca_bottleneck_dim=32)
+PROMPT = PromptConfig(k_shot=0)
+
+
+def collect_config(model_dir: Path, dataset: Path, **overrides) -> CollectConfig:
+    values = dict(model=str(model_dir), dataset=str(dataset), limit=None, max_new_tokens=3, batch_size=16,
+                  shard_size=16)
+    return CollectConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model and a QA file on which the model's own greedy answer is gold for about half the questions."""
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = tiny_run.save_tiny_model(root / "model")
+    probe = run.collect_run(root / "probe", collect_config(model_dir, tiny_run.write_questions(root / "raw.jsonl")),
+                            PROMPT, DOUBTER)
+    own = {row["question"]: row["pass1_answer"] for i, row in enumerate(probe) if i % 2 == 0 and row["pass1_answer"]}
+    dataset = tiny_run.write_questions(root / "qa.jsonl", answers=own)
+    run_dir = root / "run"
+    run.collect_run(run_dir, collect_config(model_dir, dataset), PROMPT, DOUBTER)
+    return {"root": root, "model": model_dir, "dataset": dataset, "run": run_dir}
+
+
+def test_cache_holds_answers_correctness_and_pass1_features(workspace):
+    cache = load_cache(workspace["run"] / "cache")
+    manifest = run.read_manifest(workspace["run"])
+    assert len(cache) == 60 and set(cache["split"]) == {"train", "val", "test"}
+    assert 0.3 < sum(cache["correct"]) / len(cache) < 0.7
+    assert manifest["read_layers"] == [1, 2, 3] and manifest["cache_summary"]["test"]["questions"] > 0
+    row = cache[0]
+    assert torch.as_tensor(row["features"]).shape == (3, 64)
+    model, tokenizer, _ = run.load_run_model(workspace["run"], adapter=False)
+    inputs = tokenizer(row["prompt"], return_tensors="pt")
+    features = model.base_model.run_pass1(inputs["input_ids"], inputs["attention_mask"],
+                                          torch.tensor([inputs["input_ids"].shape[1] - 1])).stacked()
+    torch.testing.assert_close(torch.as_tensor(row["features"]), features[0], rtol=0, atol=1e-5)
+    assert row["correct"] == (row["pass1_answer"] in row["answers"])
+
+
+def test_interrupted_collection_resumes_and_foreign_cache_is_refused(workspace, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    kept = (run_dir / "cache" / "shard-00000").stat().st_mtime_ns
+    shutil.rmtree(run_dir / "cache" / "shard-00002")
+    resumed = run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
+    assert len(resumed) == 60
+    assert (run_dir / "cache" / "shard-00000").stat().st_mtime_ns == kept, "finished shards are not recomputed"
+    assert resumed["id"] == load_cache(workspace["run"] / "cache")["id"]
+    with pytest.raises(ValueError, match="activation cache .* different read_layers"):
+        run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT,
+                        {**DOUBTER, "target_layers": [2, 3]})
+    other = tiny_run.save_tiny_model(tmp_path / "other", family="qwen2")
+    with pytest.raises(ValueError, match="made for base model"):
+        run.collect_run(run_dir, collect_config(other, workspace["dataset"]), PROMPT, DOUBTER)
+
+
+def test_features_captured_during_generation_equal_pass1():
+    model = get_peft_model(tiny_models.build("gemma3"), DoubterConfig(**DOUBTER, pooling="last_mean"))
+    ids = torch.randint(3, tiny_models.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with model.disable_adapter(), model.base_model.capturing_prompt(mask) as capture:
+        model.base_model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    expected = model.base_model.run_pass1(ids, mask, torch.full((2,), 8), position_ids=(mask.cumsum(-1) - 1)
+                                          .clamp_min(0)).stacked()
+    torch.testing.assert_close(capture.stacked(), expected, rtol=0, atol=1e-5)
+
+
+def test_targets_confirm_refuse_and_correct():
+    config = DoubterConfig(enable_self_correction=True, correction_ratio=0.5)
+    right = {"id": "a", "correct": True, "pass1_answer": "Paris", "answers": ["Paris, France"], "choices": [],
+             "label": -1}
+    assert choose_target(right, config, "letter") == ("Paris", "confirm")
+    wrong = [{**right, "id": f"q{i}", "correct": False, "pass1_answer": "Lyon"} for i in range(200)]
+    actions = [choose_target(row, config, "letter")[1] for row in wrong]
+    assert 0.35 < actions.count("correct") / 200 < 0.65 and set(actions) == {"correct", "refuse"}
+    assert choose_target(wrong[0], config, "letter") == choose_target(wrong[0], config, "letter")
+    corrected = next(choose_target(row, config, "letter")[0] for row in wrong
+                     if choose_target(row, config, "letter")[1] == "correct")
+    assert corrected == "Wait, the correct answer is Paris, France."
+    mcq = {**right, "correct": False, "choices": ["red", "blue"], "label": 1, "pass1_answer": "A"}
+    assert choose_target(mcq, DoubterConfig(), "letter") == (DoubterConfig().refusal_text, "refuse")
+    assert choose_target({**mcq, "correct": True}, DoubterConfig(), "cloze") == ("blue", "confirm")
+    row = tokenize_example(tiny_run.tiny_tokenizer(), "Q: w1 w2 \n A:", "w5 w6", chat=False)
+    prompt_len = row["labels"].count(-100)
+    assert row["input_ids"][prompt_len:] == row["labels"][prompt_len:]
+    assert row["input_ids"][prompt_len:prompt_len + 2] == tiny_run.tiny_tokenizer()("w5 w6")["input_ids"]
+
+
+def test_probe_pretraining_learns_the_correctness_signal():
+    model = get_peft_model(tiny_models.build("llama"), DoubterConfig(**DOUBTER))
+    generator = torch.Generator().manual_seed(0)
+    correct = torch.rand(200, generator=generator) < 0.4
+    features = torch.randn(200, 3, 64, generator=generator)
+    features[:, 1, 0] += 3.0 * correct  # only read layer 1 carries the signal
+    encoder = model.base_model.doubter_encoder["default"]
+    before = [p.detach().clone() for p in encoder.projectors[1].parameters()]
+    losses = pretrain_projectors(model.base_model, features, correct, epochs=40, learning_rate=1e-2)
+    assert losses[1] < 0.5 * losses[0], "the layer with the signal separates the classes, the others cannot"
+    assert any(not torch.equal(a, b) for a, b in zip(before, encoder.projectors[1].parameters()))
+
+
+def test_gates_and_token_preferences_get_the_faster_learning_rate(tmp_path):
+    model = get_peft_model(tiny_models.build("llama"), DoubterConfig(**DOUBTER))
+    fast = sorted(n.rsplit(".", 2)[-1] for n, p in model.named_parameters() if p.requires_grad and
+                  is_fast_parameter(n))
+    assert fast == ["gate"] * 3 + ["gates"] + ["token_preference"] * 3
+    rows = datasets.Dataset.from_list([{"input_ids": [4, 8, 9], "labels": [-100, 8, 9]}])
+    trainer = DoubterTrainer(model, DoubterSFTConfig(output_dir=str(tmp_path), gate_lr_multiplier=5.0),
+                             train_dataset=rows, eval_dataset=rows, processing_class=tiny_run.tiny_tokenizer())
+    groups = trainer.create_optimizer().param_groups
+    assert [g["lr"] for g in groups] == [2e-4, 1e-3] and len(groups[1]["params"]) == 7
+
+
+def test_training_lowers_the_loss_and_interrupted_training_resumes(workspace, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    args = dict(num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=1, probe_epochs=2,
+                learning_rate=2e-3, logging_steps=1, early_stopping_patience=None, save_total_limit=None)
+
+    class Interrupt(Exception):
+        pass
+
+    from transformers import TrainerCallback
+
+    class StopAfterFirstEpoch(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Interrupt
+
+    original = DoubterTrainer.__init__
+
+    def with_interrupt(self, *a, **kw):
+        original(self, *a, **kw)
+        self.add_callback(StopAfterFirstEpoch())
+
+    DoubterTrainer.__init__ = with_interrupt
+    try:
+        with pytest.raises(Interrupt):
+            run.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
+    finally:
+        DoubterTrainer.__init__ = original
+    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] and not (run_dir / "adapter").exists()
+    trainer = run.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
+    manifest = run.read_manifest(run_dir)
+    steps_per_epoch = -(-manifest["train"]["train_questions"] // 4)
+    assert manifest["train"]["resumed_from"].endswith(f"checkpoint-{steps_per_epoch}")
+    assert trainer.state.global_step == 3 * steps_per_epoch
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    losses = [entry["loss"] for entry in manifest["train"]["log_history"] if "loss" in entry]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    code = cli.main(["quickstart", "--run-dir", str(run_dir), "--model", str(workspace["model"]), "--dataset",
+                     str(workspace["dataset"]), "--limit", "none", "--k-shot", "0", "--max-new-tokens", "3",
+                     "--target-layers", "1,2,3", "--encoder-bottleneck-dim", "32", "--ca-bottleneck-dim", "32",
+                     "--shard-size", "16", "--num-train-epochs", "1", "--probe-epochs", "1",
+                     "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "1",
+                     "--n-resamples", "50"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| doubter |" in out and "| probe |" in out and "| p_min_token |" in out and "Risk control" in out
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["meta"]["n"] == run.read_manifest(run_dir)["cache_summary"]["test"]["questions"]
+    assert (run_dir / "eval" / "risk_coverage.png").stat().st_size > 0
+    assert cli.main(["ask", "--run-dir", str(run_dir), "w12", "w13"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_cli_errors_are_clear_and_lose_nothing(workspace, tmp_path, capsys):
+    assert cli.main(["train", "--run-dir", str(tmp_path / "empty")]) == 2
+    assert "run `peft-doubter collect --run-dir" in capsys.readouterr().err
+    assert cli.main(["collect", "--run-dir", str(tmp_path / "x"), "--dataset", "squad2"]) == 2
+    assert "Unknown dataset 'squad2'" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(["collect", "--run-dir", str(tmp_path / "y"), "--model", str(workspace["model"]),
+                     "--dataset", str(empty)]) == 2
+    assert "error" in capsys.readouterr().err
+    bad_column = tmp_path / "bad.jsonl"
+    bad_column.write_text(json.dumps({"prompt": "w1", "answer": "w2"}) + "\n")
+    assert cli.main(["collect", "--run-dir", str(tmp_path / "z"), "--model", str(workspace["model"]),
+                     "--dataset", str(bad_column)]) == 2
+    assert "'question' not found" in capsys.readouterr().err
+    assert cli.main(["eval", "--run-dir", str(workspace["run"])]) == 2
+    assert "no trained adapter" in capsys.readouterr().err
+    assert (workspace["run"] / "cache" / "shard-00000").exists()

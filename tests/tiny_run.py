@@ -1,0 +1,39 @@
+"""A tiny local base model (random Llama + word-level tokenizer) and QA files for end-to-end pipeline tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import tiny_models
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Q:", "A:", "\n"] + [f"w{i}" for i in range(tiny_models.VOCAB - 7)]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+
+
+def save_tiny_model(directory: Path, family: str = "llama", seed: int = 0) -> Path:
+    model = tiny_models.build(family, seed)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def write_questions(path: Path, count: int = 60, seed: int = 0, answers: dict[str, str] | None = None) -> Path:
+    """Open-QA JSONL rows `{"question", "answer"}`; `answers` overrides the gold answer of a question."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            question = " ".join(f"w{rng.randrange(10, 100)}" for _ in range(4))
+            gold = (answers or {}).get(question, f"w{rng.randrange(100, 120)}")
+            handle.write(json.dumps({"question": question, "answer": [gold]}) + "\n")
+    return path
