@@ -84,7 +84,7 @@ def given(namespace: argparse.Namespace, group: str) -> dict[str, Any]:
 DOUBTER_CLI_FIELDS = [
     f.name for f in dataclasses.fields(DoubterConfig)
     if f.name not in {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
-                      "inference_mode", "base_fingerprint", "target_modules", "check_base_fingerprint"}
+                      "inference_mode", "base_fingerprint", "target_modules", "peft_version", "check_base_fingerprint"}
 ]
 
 
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     push = command("push", "Upload adapter, sidecar, manifest, report and model card to the Hub in one commit.")
     push.add_argument("--repo-id", required=True, help="user/name on the Hub.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
+    push.add_argument("--base-model", help="Hub id of the base model (needed when the run used a local path).")
+    push.add_argument("--license", help="Licence of the base model (needed for bases other than the embedded ones).")
 
     quick = command("quickstart", "collect -> train -> eval on the embedded defaults, then one answered and one "
                                   "declined question.")
@@ -170,7 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "push":
             from .hub import push_run
 
-            print(push_run(run_dir, args.repo_id, private=args.private))
+            print(push_run(run_dir, args.repo_id, private=args.private, base_model=args.base_model,
+                           license=args.license))
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"peft-doubter {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -50,7 +50,7 @@ class CollectConfig:
     choices_column: Optional[str] = field(default=None, metadata={"help": "User data: options column (MCQ)."})
     label_column: Optional[str] = field(default=None, metadata={"help": "User data: correct option column (MCQ)."})
     limit: Optional[int] = field(default=1000, metadata={"help": "Questions to sample (seeded); None: all."})
-    seed: int = field(default=0, metadata={"help": "Seed of the question sample, the exemplars and the splits."})
+    sample_seed: int = field(default=0, metadata={"help": "Seed of the question sample, the exemplars and the splits."})
     val_fraction: float = field(default=0.1, metadata={"help": "Share of questions for validation."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of questions held out for the test."})
     max_new_tokens: int = field(default=16, metadata={"help": "Longest greedy open answer (cut at a newline)."})

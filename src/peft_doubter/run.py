@@ -39,7 +39,7 @@ MANIFEST = "run.json"
 DOUBTER_USER_FIELDS = tuple(
     f.name for f in dataclasses.fields(DoubterConfig)
     if f.name not in {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
-                      "inference_mode", "base_fingerprint", "target_modules"}
+                      "inference_mode", "base_fingerprint", "target_modules", "peft_version"}
 )
 
 
@@ -100,7 +100,7 @@ def sample_and_split(questions: datasets.Dataset, collect_config: CollectConfig,
     split manifest."""
     if len(questions) == 0:
         raise ValueError(f"Dataset {collect_config.dataset!r} is empty.")
-    shuffled = questions.shuffle(seed=collect_config.seed)
+    shuffled = questions.shuffle(seed=collect_config.sample_seed)
     exemplars = [dict(row) for row in shuffled.select(range(min(k_shot, len(shuffled))))]
     rest = shuffled.select(range(len(exemplars), len(shuffled)))
     if collect_config.limit is not None:
@@ -110,7 +110,7 @@ def sample_and_split(questions: datasets.Dataset, collect_config: CollectConfig,
     train_fraction = 1 - collect_config.val_fraction - collect_config.test_fraction
     splits, manifest = split_by_question(
         rest, {"train": train_fraction, "val": collect_config.val_fraction, "test": collect_config.test_fraction},
-        seed=collect_config.seed,
+        seed=collect_config.sample_seed,
     )
     check_no_overlap(splits)
     check_no_overlap({"exemplars": exemplars, "questions": rest})
@@ -210,7 +210,7 @@ def train_run(run_dir: Path, training_args: DoubterSFTConfig, doubter_overrides:
     prompt = PromptConfig(**manifest["prompt"])
     config = model.peft_config["default"]
     rows = build_training_set(cache, tokenizer, config, prompt.mc_format, prompt.style == "chat",
-                              seed=manifest["collect"]["seed"])
+                              seed=manifest["collect"]["sample_seed"])
     split = cache["split"]
     train = rows.select([i for i, s in enumerate(split) if s == "train"])
     val = rows.select([i for i, s in enumerate(split) if s == "val"])

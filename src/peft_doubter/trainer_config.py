@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from trl import SFTConfig
 
 
@@ -40,20 +41,20 @@ class DoubterSFTConfig(SFTConfig):
     )
 
     learning_rate: float = field(default=2e-4, metadata={"help": "Base learning rate (AdamW)."})
-    lr_scheduler_type: Any = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    lr_scheduler_type: Union[SchedulerType, str] = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_ratio: Optional[float] = field(default=0.05, metadata={"help": "Share of steps for linear warm-up."})
     num_train_epochs: float = field(default=6.0, metadata={"help": "Maximum epochs (early stopping guards)."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Evaluation batch size per device."})
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Gradient accumulation steps."})
-    eval_strategy: Any = field(default="epoch", metadata={"help": "When to evaluate."})
-    save_strategy: Any = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    eval_strategy: Union[IntervalStrategy, str] = field(default="epoch", metadata={"help": "When to evaluate."})
+    save_strategy: Union[SaveStrategy, str] = field(default="epoch", metadata={"help": "When to save a checkpoint."})
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint."})
     metric_for_best_model: Optional[str] = field(default="eval_loss", metadata={"help": "Checkpoint selection."})
     greater_is_better: Optional[bool] = field(default=False, metadata={"help": "Lower eval loss is better."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
-    report_to: Any = field(default="none", metadata={"help": "Integrations to report to."})
+    report_to: Union[None, str, list[str]] = field(default="none", metadata={"help": "Integrations to report to."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the collator's columns."})
     dataset_kwargs: Optional[dict[str, Any]] = field(
         default_factory=lambda: {"skip_prepare_dataset": True},
