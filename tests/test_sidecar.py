@@ -24,7 +24,7 @@ def make_metadata(**overrides) -> dict:
     meta = dict(
         base_architecture="gemma3_text", n_embd=16, n_layer=6, read_layers=[2, 4, 5], inject_layers=[3, 5],
         encoder_type="selective", pooling="last", encoder_bottleneck_dim=8, ca_bottleneck_dim=8, ca_num_heads=2,
-        dynamic_gates=False, layer_norm_eps=1e-5, agc_enabled=True, agc_floor=0.3, agc_tau=16.0,
+        ca_scale_by_rms=True, dynamic_gates=False, layer_norm_eps=1e-5, agc_enabled=True, agc_floor=0.3, agc_tau=16.0,
         dynamic_refresh=False, refresh_threshold=0.85, refresh_interval=8,
         refusal_text="I'm not confident enough to answer this question accurately.",
     )
@@ -144,6 +144,8 @@ def test_round_trip(tmp_path, config):
         (lambda w, m: m.update(num_cognitive_tokens=5), "num_cognitive_tokens"),
         (lambda w, m: m.update(pooling="max"), "pooling"),
         (lambda w, m: m.pop("agc_tau"), "agc_tau"),
+        (lambda w, m: m.pop("ca_scale_by_rms"), "ca_scale_by_rms"),
+        (lambda w, m: m.update(ca_scale_by_rms=1), "ca_scale_by_rms"),
         (lambda w, m: m.update(extra=1), "Unknown"),
     ],
 )
@@ -154,6 +156,18 @@ def test_write_rejects_inconsistent_inputs(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         write_sidecar(tmp_path / "d.gguf", weights, meta)
     assert not list(tmp_path.iterdir())
+
+
+def test_read_treats_a_missing_rms_flag_as_false(tmp_path, monkeypatch):
+    """Sidecars written before `ca_scale_by_rms` existed read as the old behaviour (no RMS scaling)."""
+    key, add_bool = fmt.META_BY_FIELD["ca_scale_by_rms"].key, gguf.GGUFWriter.add_bool
+    monkeypatch.setattr(gguf.GGUFWriter, "add_bool", lambda self, k, v: None if k == key else add_bool(self, k, v))
+    write_random(tmp_path / "d.gguf", ca_scale_by_rms=True)
+    monkeypatch.undo()
+    assert gguf.GGUFReader(tmp_path / "d.gguf").get_field(key) is None
+    assert read_sidecar(tmp_path / "d.gguf")[1]["ca_scale_by_rms"] is False
+    write_random(tmp_path / "e.gguf", ca_scale_by_rms=False)
+    assert read_sidecar(tmp_path / "e.gguf")[1]["ca_scale_by_rms"] is False
 
 
 def test_read_rejects_truncated_files(tmp_path):
@@ -232,3 +246,14 @@ def test_reference_schedule_pooling_and_zero_gate():
     tokens = ref.encode(weights, meta, np.random.default_rng(1).standard_normal((3, 16)))
     assert tokens.shape == (3, 16)
     np.testing.assert_array_equal(ref.cross_attention(weights, meta, 3, h, tokens), h)
+
+
+def test_reference_rms_scaling():
+    """With `ca_scale_by_rms` the update is the unscaled one times sqrt(mean_H(h^2)) at each position."""
+    meta = make_metadata(ca_scale_by_rms=True)
+    weights = ref.random_weights(meta, gate=0.3)
+    h = np.random.default_rng(0).standard_normal((5, 16)) * np.arange(1, 6)[:, None] * 50
+    tokens = ref.encode(weights, meta, np.random.default_rng(1).standard_normal((3, 16)))
+    plain = ref.cross_attention(weights, make_metadata(ca_scale_by_rms=False), 3, h, tokens, alpha=0.7) - h
+    scaled = ref.cross_attention(weights, meta, 3, h, tokens, alpha=0.7) - h
+    np.testing.assert_allclose(scaled, plain * np.sqrt((h ** 2).mean(axis=1, keepdims=True)), rtol=1e-12)

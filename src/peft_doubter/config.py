@@ -96,6 +96,13 @@ class DoubterConfig(PeftConfig):
     ca_num_heads: int = field(
         default=4, metadata={"help": "Attention heads of the cross-attention (and encoder attention); divides the widths."}
     )
+    ca_scale_by_rms: bool = field(
+        default=True,
+        metadata={
+            "help": "Scale the injected update by the RMS of the residual stream at that position, so its effect "
+            "does not depend on the base's residual scale (Gemma 3's late layers run at RMS 300-1300)."
+        },
+    )
     ca_gate_init: float = field(
         default=0.3,
         metadata={"help": "Initial injection gate g (the residual adds tanh(g) * CA); 0.3 sits in tanh's linear zone."},

@@ -8,10 +8,8 @@ separately: declined, answered (same or different answer than pass 1) or correct
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .baselines import PassOneFeatures
 from .collect import stop_token_ids
-from .prompts import LETTERS, PromptConfig, first_line
+from .prompts import LETTERS, first_line
 from .scoring import extract_correction, extract_letter, is_correction, is_refusal, normalize_answer
 from .targets import align_prompts, target_columns, tokenize_example
 
@@ -28,7 +26,15 @@ from .targets import align_prompts, target_columns, tokenize_example
 class EvalConfig:
     """How a run is evaluated."""
 
-    eval_split: str = field(default="test", metadata={"help": "Cached split to evaluate (held out from training)."})
+    eval_split: str = field(
+        default="test", metadata={"help": "Cached split to evaluate (held out from training), or 'all'."}
+    )
+    questions_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "Another run directory (same base and read layers) whose cached questions are the test "
+                  "set: a zero-shot cross-domain test. Train and val still come from this run."},
+    )
+    output_name: str = field(default="eval", metadata={"help": "Folder of the run directory for the report."})
     target_risk: Optional[float] = field(
         default=None,
         metadata={"help": "Risk control target (error rate among answered). Default: half the base error rate."},
@@ -127,7 +133,3 @@ def pass_one_features(rows: Sequence[dict]) -> list[PassOneFeatures]:
         )
         for row in rows
     ]
-
-
-def load_report(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "eval" / "report.json").read_text())

@@ -16,6 +16,7 @@ from .sidecar_format import (
     KEY_ADAPTER_TYPE,
     KEY_GENERAL_ARCHITECTURE,
     KEY_GENERAL_TYPE,
+    LEGACY_DEFAULTS,
     META_KEYS,
     POOLINGS,
     expected_shapes,
@@ -45,7 +46,7 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         meta[field] = int(value)
     for field in ("layer_norm_eps", "agc_floor", "agc_tau", "refresh_threshold"):
         meta[field] = float(metadata[field])
-    for field in ("dynamic_gates", "agc_enabled", "dynamic_refresh"):
+    for field in ("dynamic_gates", "agc_enabled", "dynamic_refresh", "ca_scale_by_rms"):
         if not isinstance(metadata[field], (bool, np.bool_)):
             raise ValueError(f"`{field}` must be a bool, got {metadata[field]!r}.")
         meta[field] = bool(metadata[field])
@@ -187,7 +188,10 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     if adapter_type != ADAPTER_TYPE:
         raise ValueError(f"{path}: `{KEY_ADAPTER_TYPE}` is {adapter_type!r}, expected {ADAPTER_TYPE!r} "
                          "(another adapter type, not a Doubter sidecar).")
-    raw = {m.field: get(m.key, m.kind) for m in META_KEYS if m.required or reader.get_field(m.key) is not None}
+    present = {m.field for m in META_KEYS if reader.get_field(m.key) is not None}
+    raw = {m.field: get(m.key, m.kind) for m in META_KEYS
+           if m.field in present or (m.required and m.field not in LEGACY_DEFAULTS)}
+    raw = {**LEGACY_DEFAULTS, **raw}  # keys that older sidecars lack
     if "base_fingerprint" in raw:
         try:
             raw["base_fingerprint"] = json.loads(raw["base_fingerprint"])
@@ -245,7 +249,7 @@ def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[d
         "num_cognitive_tokens": doubter.doubter_encoder[adapter].num_tokens,
         "base_fingerprint": config.base_fingerprint,
         **{name: getattr(config, name) for name in (
-            "encoder_type", "pooling", "encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads",
+            "encoder_type", "pooling", "encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads", "ca_scale_by_rms",
             "dynamic_gates", "layer_norm_eps", "agc_enabled", "agc_floor", "agc_tau", "dynamic_refresh",
             "refresh_threshold", "refresh_interval", "refusal_text")},
     }

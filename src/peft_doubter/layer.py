@@ -117,19 +117,22 @@ class CognitiveEncoder(nn.Module):
 class BottleneckCrossAttention(nn.Module):
     """Gated cross-attention from the residual stream to the cognitive tokens, through a bottleneck:
 
-    `h + gain * tanh(gate) * up(MHA(q=q(down(LN(h))), k=k(c), v=v(c)) + token_preference)`.
+    `h + gain * tanh(gate) * up(MHA(q=q(down(LN(h))), k=k(c), v=v(c)) + token_preference) * rms(h)`,
+    the last factor (the residual's root-mean-square per position) only with `ca_scale_by_rms`.
     """
 
     def __init__(self, config: DoubterConfig, hidden_size: int, num_tokens: int) -> None:
         super().__init__()
         b = config.ca_bottleneck_dim
         self.num_heads = config.ca_num_heads
+        self.scale_by_rms = config.ca_scale_by_rms
         self.norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.down_proj = nn.Linear(hidden_size, b, bias=False)
         self.q_proj = nn.Linear(b, b, bias=False)
         self.k_proj = nn.Linear(hidden_size, b, bias=False)
         self.v_proj = nn.Linear(hidden_size, b, bias=False)
         self.up_proj = nn.Linear(b, hidden_size, bias=False)
+        nn.init.zeros_(self.up_proj.weight)  # an untrained Doubter leaves the base unchanged (LoRA's B = 0)
         self.token_preference = nn.Parameter(torch.zeros(num_tokens))
         self.gate = nn.Parameter(torch.tensor([float(config.ca_gate_init)]))
 
@@ -159,6 +162,8 @@ class BottleneckCrossAttention(nn.Module):
         dtype = self.down_proj.weight.dtype
         keys, values = keys_values if keys_values is not None else self.token_keys_values(tokens.to(dtype))
         update = self.attend(hidden.to(dtype), keys, values)
+        if self.scale_by_rms:
+            update = update * hidden.to(dtype).pow(2).mean(-1, keepdim=True).sqrt()
         return hidden + (gain * torch.tanh(self.gate) * update).to(hidden.dtype)
 
 

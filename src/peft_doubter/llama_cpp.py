@@ -241,7 +241,13 @@ def run_tool(
 ) -> dict[str, Any]:
     """Run `llama-doubter --json` (plain generation when `sidecar` is None) and return its parsed output:
     text, declined, n_prompt, n_gen, n_refresh, tokens and timing (pass1_ms, encode_ms, pass2_prompt_ms,
-    prompt_ms, decode_ms, decode_tokens, decode_tok_s). Raises `RuntimeError` with the tool's stderr on failure."""
+    prompt_ms, decode_ms, decode_tokens, decode_tok_s). `sidecar` is a file or a Hub repo id (`user/name`, whose
+    `doubter_sidecar.gguf` is downloaded with `huggingface_hub`). Raises `RuntimeError` with the tool's stderr on
+    failure."""
+    if sidecar is not None and not Path(sidecar).exists():
+        from .hub import download_sidecar
+
+        sidecar = download_sidecar(str(sidecar))
     cmd = [str(tool_path(build_dir)), "-m", str(model), "-p", prompt, "-n", str(n_predict), "-t", str(threads),
            "--json"]
     cmd += ["--sidecar", str(sidecar)] if sidecar is not None else ["--no-doubter"]

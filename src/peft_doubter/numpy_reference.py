@@ -118,14 +118,18 @@ def agc_alpha(metadata: Mapping[str, Any], step: int) -> float:
 
 def cross_attention(weights: Weights, metadata: Mapping[str, Any], layer: int, hidden: np.ndarray,
                     tokens: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """Inject layer `layer`: h (S, H) -> h + alpha * tanh(gate) * up(MHA(q(down(LN(h))), k(C), v(C)))."""
+    """Inject layer `layer`: h (S, H) -> h + alpha * tanh(gate) * up(MHA(q(down(LN(h))), k(C), v(C))), the update
+    multiplied by rms(h) = sqrt(mean_H(h^2)) per position (no epsilon) when `metadata["ca_scale_by_rms"]`."""
     p = f"ca.{layer}."
     h, c = np.asarray(hidden, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
     u = layer_norm(h, _w(weights, p + "norm.weight"), _w(weights, p + "norm.bias"), float(metadata["layer_norm_eps"]))
     q = u @ _w(weights, p + "down_proj.weight").T @ _w(weights, p + "q_proj.weight").T  # (S, b)
     k, v = c @ _w(weights, p + "k_proj.weight").T, c @ _w(weights, p + "v_proj.weight").T  # (T, b)
     o = attention(q, k, v, int(metadata["ca_num_heads"]), _w(weights, p + "token_preference"))
-    return h + alpha * math.tanh(_w(weights, p + "gate")[0]) * (o @ _w(weights, p + "up_proj.weight").T)
+    update = alpha * math.tanh(_w(weights, p + "gate")[0]) * (o @ _w(weights, p + "up_proj.weight").T)
+    if metadata["ca_scale_by_rms"]:
+        update = update * np.sqrt(np.mean(h * h, axis=-1, keepdims=True))
+    return h + update
 
 
 def random_weights(metadata: Mapping[str, Any], seed: int = 0, gate: float = 0.05) -> dict[str, np.ndarray]:

@@ -223,6 +223,8 @@ def train_run(run_dir: Path, training_args: DoubterSFTConfig, doubter_overrides:
     trainer = DoubterTrainer(model, training_args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
     checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    if not trainer.is_world_process_zero():  # under `accelerate launch` only the main process writes
+        return trainer
     model.save_pretrained(run_dir / "adapter")
     manifest["adapter"] = "adapter"
     manifest["train"] = {
@@ -238,47 +240,87 @@ def train_run(run_dir: Path, training_args: DoubterSFTConfig, doubter_overrides:
     return trainer
 
 
+def _eval_questions(run_dir: Path, manifest: dict[str, Any], config: evaluation.EvalConfig
+                    ) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    """(train, val, test rows, manifest of the test questions). Train and val come from the run itself; the test
+    questions from its cache or, for a zero-shot cross-domain test, from another run's cache (same base and
+    read layers) given as `questions_from`."""
+    cache = load_cache(run_dir / manifest["cache"])
+    split = cache["split"]
+    train = [cache[i] for i, s in enumerate(split) if s == "train"]
+    val = [cache[i] for i, s in enumerate(split) if s == "val"]
+    source, source_manifest = cache, manifest
+    if config.questions_from:
+        source_manifest = read_manifest(Path(config.questions_from))
+        for key in ("read_layers", "base_fingerprint"):
+            if source_manifest[key] != manifest[key]:
+                raise ValueError(f"{config.questions_from} was collected with a different {key} than {run_dir}.")
+        if source_manifest["doubter"]["pooling"] != manifest["doubter"]["pooling"]:
+            raise ValueError(f"{config.questions_from} was collected with a different pooling than {run_dir}.")
+        source = load_cache(Path(config.questions_from) / source_manifest["cache"])
+    wanted = [i for i, s in enumerate(source["split"]) if config.eval_split in ("all", s)]
+    test = [source[i] for i in wanted[: config.max_questions]]
+    if not test:
+        raise ValueError(f"No cached questions in split {config.eval_split!r}.")
+    return train, val, test, source_manifest
+
+
+def _paired_auroc_table(report: EvaluationReport, correct: np.ndarray, scores: dict[str, np.ndarray],
+                        config: evaluation.EvalConfig) -> str:
+    """Markdown: the Doubter's AUROC minus each baseline's, with paired-bootstrap CIs on the same questions."""
+    from .metrics import auroc, paired_bootstrap_diff
+
+    lines = ["", "## Doubter minus baseline (AUROC, paired bootstrap over the same questions)", "",
+             "| Baseline | Difference | 95% CI | p |", "|---|---|---|---|"]
+    diffs = {}
+    for name, baseline in scores.items():
+        if name == "doubter":
+            continue
+        diff = paired_bootstrap_diff(auroc, correct, scores["doubter"], baseline, n_resamples=config.n_resamples,
+                                     seed=config.bootstrap_seed)
+        diffs[name] = diff
+        lines.append(f"| {name} | {diff['diff']:+.3f} | [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] | "
+                     f"{diff['pvalue']:.3f} |")
+    report.meta["paired_auroc_vs_baselines"] = diffs
+    return "\n".join(lines) + "\n"
+
+
 def eval_run(run_dir: Path, config: evaluation.EvalConfig, model=None, tokenizer=None) -> EvaluationReport:
-    """Stage 3: the Doubter and every baseline on the held-out split; writes eval/report.{json,md} and the
-    risk–coverage plot."""
+    """Stage 3: the Doubter and every baseline on the same held-out questions; writes
+    `<output_name>/report.{json,md}` and the risk–coverage plot."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if model is None:
         model, tokenizer, manifest = load_run_model(run_dir)
-    prompt = PromptConfig(**manifest["prompt"])
+    train, val, test, test_manifest = _eval_questions(run_dir, manifest, config)
+    prompt = PromptConfig(**test_manifest["prompt"])
     chat, mc_format = prompt.style == "chat", prompt.mc_format
-    doubter_config = model.peft_config[model.active_adapter]
-    cache = load_cache(run_dir / manifest["cache"])
-    by_split = {name: [row for row in cache if row["split"] == name] for name in ("train", "val", config.eval_split)}
-    test = by_split[config.eval_split][: config.max_questions] if config.max_questions else by_split[config.eval_split]
-    if not test:
-        raise ValueError(f"No cached questions in split {config.eval_split!r} of {run_dir}.")
-    train, val = by_split["train"], by_split["val"]
+    refusal = model.peft_config[model.active_adapter].refusal_text
     correct = np.array([row["correct"] for row in test], dtype=bool)
-    refusal = doubter_config.refusal_text
 
-    confidence = evaluation.doubter_confidence(model, tokenizer, test, refusal, mc_format, chat, config.eval_batch_size)
-    report = EvaluationReport(title=f"Doubter evaluation: {manifest['collect']['model']} on "
-                                    f"{manifest['collect']['dataset']} ({config.eval_split})")
-    report.meta = {"run_dir": str(run_dir), "split": config.eval_split, "n": len(test),
-                   "train_questions": len(train), "eval_config": dataclasses.asdict(config)}
-    summaries = {}
+    confidence = evaluation.doubter_confidence(model, tokenizer, test, refusal, mc_format, chat,
+                                               config.eval_batch_size)
+    report = EvaluationReport(title=f"Doubter evaluation: {manifest['collect']['model']} trained on "
+                                    f"{manifest['collect']['dataset']}, tested on "
+                                    f"{test_manifest['collect']['dataset']} ({config.eval_split})")
+    report.meta = {"run_dir": str(run_dir), "questions_from": config.questions_from, "split": config.eval_split,
+                   "n": len(test), "train_questions": len(train), "eval_config": dataclasses.asdict(config)}
     action_kwargs: dict[str, Any] = {}
     if config.generate_text:
-        judge = JUDGES[manifest["collect"]["judge"]]()
-        actions, right, changed, texts = evaluation.generate_actions(model, tokenizer, test, config, refusal, judge, chat,
-                                                          mc_format)
+        judge = JUDGES[test_manifest["collect"]["judge"]]()
+        actions, right, changed, texts = evaluation.generate_actions(model, tokenizer, test, config, refusal, judge,
+                                                                     chat, mc_format)
         action_kwargs = {"action": actions, "correction_correct": right}
-        report.meta["answered_differently"] = int(sum(c for a, c in zip(actions, changed) if a == "answered"))
-        report.meta["answered_differently_right"] = int(
-            sum(r for a, c, r in zip(actions, changed, right) if a == "answered" and c))
+        answered = [(c, r) for a, c, r in zip(actions, changed, right) if a == "answered"]
+        report.meta["answered_differently"] = sum(c for c, _ in answered)
+        report.meta["answered_differently_right"] = sum(c and r for c, r in answered)
         report.meta["examples"] = [
             {"question": row["question"], "gold": gold_answer(row, mc_format), "pass1": row["pass1_answer"],
              "pass1_correct": bool(row["correct"]), "doubter": text, "action": action}
-            for row, text, action in list(zip(test, texts, actions))[:20]
+            for row, text, action in list(zip(test, texts, actions))[:40]
         ]
-    summaries["doubter"] = report.add_method("doubter", correct, confidence, n_resamples=config.n_resamples,
-                                             seed=config.bootstrap_seed, **action_kwargs)
+    report.add_method("doubter", correct, confidence, n_resamples=config.n_resamples, seed=config.bootstrap_seed,
+                      **action_kwargs)
     hidden = lambda rows: np.stack([np.asarray(r["features"]).reshape(-1) for r in rows])  # noqa: E731
     try:
         baselines = baseline_confidences(evaluation.pass_one_features(train), [r["correct"] for r in train],
@@ -289,20 +331,23 @@ def eval_run(run_dir: Path, config: evaluation.EvalConfig, model=None, tokenizer
         baselines = {"random": random_confidence(len(test), seed=config.bootstrap_seed),
                      **answer_probability_scores(evaluation.pass_one_features(test))}
     for name, scores in baselines.items():
-        summaries[name] = report.add_method(name, correct, scores, n_resamples=config.n_resamples, seed=config.bootstrap_seed)
+        report.add_method(name, correct, scores, n_resamples=config.n_resamples, seed=config.bootstrap_seed)
 
-    val_confidence = evaluation.doubter_confidence(model, tokenizer, val, refusal, mc_format, chat, config.eval_batch_size)
+    val_confidence = evaluation.doubter_confidence(model, tokenizer, val, refusal, mc_format, chat,
+                                                   config.eval_batch_size)
     val_correct = np.array([row["correct"] for row in val], dtype=bool)
     target = config.target_risk if config.target_risk is not None else (1 - val_correct.mean()) / 2
     result = calibrate(target, val_confidence, val_correct, delta=config.delta)
     report.add_risk_control("doubter", result, realized(result.threshold, confidence, correct))
 
-    out = run_dir / "eval"
+    paired = _paired_auroc_table(report, correct, {"doubter": confidence, **baselines}, config)
+    out = run_dir / config.output_name
     out.mkdir(exist_ok=True)
     report.to_json(out / "report.json")
-    (out / "report.md").write_text(report.to_markdown())
+    (out / "report.md").write_text(report.to_markdown() + paired)
     plot_risk_coverage(report, out / "risk_coverage.png")
-    manifest["eval"] = {"report": "eval/report.json", "threshold": result.threshold, "target_risk": target}
+    manifest.setdefault("evaluations", {})[config.output_name] = {
+        "report": f"{config.output_name}/report.json", "threshold": result.threshold, "target_risk": target}
     write_manifest(run_dir, manifest)
     return report
 

@@ -64,6 +64,9 @@ META_KEYS = (
     MetaKey("encoder_bottleneck_dim", "u32"),
     MetaKey("ca_bottleneck_dim", "u32"),
     MetaKey("ca_num_heads", "u32"),
+    # the cross-attention update is multiplied by the per-position RMS of the layer output; required for writing,
+    # read as false from files written before it existed (`LEGACY_DEFAULTS`)
+    MetaKey("ca_scale_by_rms", "bool"),
     MetaKey("dynamic_gates", "bool"),
     MetaKey("layer_norm_eps", "f32"),
     MetaKey("agc_enabled", "bool"),
@@ -76,6 +79,8 @@ META_KEYS = (
     MetaKey("base_fingerprint", "str", required=False),  # JSON text
 )
 META_BY_FIELD = {m.field: m for m in META_KEYS}
+# values for required keys that older sidecars lack, used only when reading (the llama.cpp loader still requires them)
+LEGACY_DEFAULTS = {"ca_scale_by_rms": False}
 
 
 @dataclass(frozen=True)

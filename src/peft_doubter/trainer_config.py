@@ -16,7 +16,7 @@ class DoubterSFTConfig(SFTConfig):
 
     Changed defaults of `SFTConfig` (grouped as in TRL):
     - schedule: `learning_rate=2e-4`, cosine with 5% warm-up, 6 epochs with early stopping on validation loss;
-    - batches: 8 per device, gradient accumulation 4 (effective 32);
+    - batches: 8 per device, gradient accumulation 4 (effective 32), rows of similar length together;
     - data: rows are tokenized by `peft_doubter.targets` (prompt labels -100) and carry pass-1 features, so TRL's
       dataset preparation is skipped and unused columns are kept for the collator;
     - evaluation and checkpoints every epoch, the best (lowest `eval_loss`) reloaded at the end; no reporting;
@@ -56,6 +56,9 @@ class DoubterSFTConfig(SFTConfig):
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     report_to: Union[None, str, list[str]] = field(default="none", metadata={"help": "Integrations to report to."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the collator's columns."})
+    train_sampling_strategy: str = field(
+        default="group_by_length", metadata={"help": "Batch rows of similar length (less padding)."}
+    )
     dataset_kwargs: Optional[dict[str, Any]] = field(
         default_factory=lambda: {"skip_prepare_dataset": True},
         metadata={"help": "Rows come tokenized from `peft_doubter.targets`."},
