@@ -220,16 +220,17 @@ def test_training_script_under_accelerate_launch_with_two_cpu_processes(workspac
     run_dir = tmp_path / "run"
     shutil.copytree(workspace["run"], run_dir)
     script = Path(__file__).resolve().parents[1] / "trainers" / "train.py"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `--cpu` would start a single process; torchrun's launcher (`--multi_gpu`) + `use_cpu` gives 2 gloo processes
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-               "--run_dir", str(run_dir), "--stages", "train", "--target_layers", "1,2,3",
+               "--run_dir", str(run_dir), "--use_cpu", "true", "--stages", "train", "--target_layers", "1,2,3",
                "--encoder_bottleneck_dim", "32", "--ca_bottleneck_dim", "32", "--num_train_epochs", "1",
                "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--probe_epochs", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = run.read_manifest(run_dir)
-    steps = -(-manifest["train"]["train_questions"] // 8)  # 2 processes x 4 rows per step
+    steps = -(-manifest["train"]["train_questions"] // 8)  # 2 processes x 4 rows per step: the data is split
     assert manifest["train"]["metrics"]["epoch"] == 1.0
     assert any(entry.get("step") == steps for entry in manifest["train"]["log_history"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()

@@ -2,10 +2,11 @@
 
     python trainers/train.py --config trainers/recipes/gemma-3-270m-triviaqa.yaml
     python trainers/train.py --config trainers/recipes/gemma-3-270m-triviaqa.yaml --num_train_epochs 1
-    accelerate launch --num_processes 2 --cpu trainers/train.py --config recipe.yaml --stages train
+    accelerate launch --multi_gpu --num_processes 2 trainers/train.py --config recipe.yaml --stages train --use_cpu true
 
 Every option is a field of `CollectConfig`, `PromptConfig`, `DoubterConfig`, `DoubterSFTConfig` or `EvalConfig`
-(parsed by `HfArgumentParser`); a recipe sets any of them, options given on the command line win.
+(parsed by `HfArgumentParser`); a recipe sets any of them, options given on the command line win. On CPUs,
+`accelerate launch --cpu` starts one process only: use the torchrun launcher (`--multi_gpu`) with `--use_cpu true`.
 """
 
 from __future__ import annotations
