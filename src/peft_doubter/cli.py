@@ -81,11 +81,7 @@ def given(namespace: argparse.Namespace, group: str) -> dict[str, Any]:
     return {key[len(prefix):]: value for key, value in vars(namespace).items() if key.startswith(prefix)}
 
 
-DOUBTER_CLI_FIELDS = [
-    f.name for f in dataclasses.fields(DoubterConfig)
-    if f.name not in {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
-                      "inference_mode", "base_fingerprint", "target_modules", "peft_version", "check_base_fingerprint"}
-]
+DOUBTER_CLI_FIELDS = [name for name in DoubterConfig.user_fields() if name != "check_base_fingerprint"]
 
 
 def _training_args(run_dir: Path, values: dict[str, Any]):

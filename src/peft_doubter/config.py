@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -207,6 +208,13 @@ class DoubterConfig(PeftConfig):
             raise ValueError(f"`layer_norm_eps` must be > 0, got {self.layer_norm_eps}.")
         if not self.refusal_text.strip():
             raise ValueError("`refusal_text` must not be empty.")
+
+    @classmethod
+    def user_fields(cls) -> tuple[str, ...]:
+        """The fields a user sets (the rest are PEFT bookkeeping or filled in when the adapter is created)."""
+        automatic = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+                     "base_fingerprint", "target_modules", "peft_version"}
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in automatic)
 
     @property
     def inject_layer_spec(self) -> LayerSpec:

@@ -35,12 +35,7 @@ from .targets import build_training_set, gold_answer
 from .trainer_config import DoubterSFTConfig
 
 MANIFEST = "run.json"
-# DoubterConfig fields a user sets; the rest (peft_type, fingerprint, target_modules, ...) PEFT or we fill in.
-DOUBTER_USER_FIELDS = tuple(
-    f.name for f in dataclasses.fields(DoubterConfig)
-    if f.name not in {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
-                      "inference_mode", "base_fingerprint", "target_modules", "peft_version"}
-)
+DOUBTER_USER_FIELDS = DoubterConfig.user_fields()
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
