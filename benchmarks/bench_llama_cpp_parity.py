@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from peft_doubter.base_models import embedded_gguf_path
 from peft_doubter.collect import load_cache, stop_token_ids
@@ -51,7 +52,7 @@ def main() -> None:
     timings: dict[str, list[float]] = {"doubter_prompt_ms": [], "doubter_tok_s": [], "plain_prompt_ms": [],
                                        "plain_tok_s": []}
     disagreements = []
-    for row in test:
+    for row in tqdm(test, desc="PyTorch vs llama.cpp", unit="q"):
         inputs = tokenizer(row["prompt"], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
