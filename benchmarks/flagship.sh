@@ -10,12 +10,12 @@ peft-doubter collect --run-dir "$RUNS/triviaqa" --dataset triviaqa --limit 5300 
   --test-fraction 0.19 --k-shot 2 --target-layers late
 # 2. NQ-open, collected with the same base and layers, as a zero-shot cross-domain test set.
 peft-doubter collect --run-dir "$RUNS/nq-open" --dataset nq_open --limit 1100 --k-shot 2 --target-layers late
-peft-doubter train --run-dir "$RUNS/triviaqa" --num-train-epochs 2
+peft-doubter train --run-dir "$RUNS/triviaqa" --num-train-epochs 1
 peft-doubter eval --run-dir "$RUNS/triviaqa"
 peft-doubter eval --run-dir "$RUNS/triviaqa" --questions-from "$RUNS/nq-open" --eval-split all \
   --output-name eval-nq-open
 # 3. SciQ as cloze multiple choice (options ranked by log-likelihood), base accuracy mid-range.
-peft-doubter collect --run-dir "$RUNS/sciq" --dataset sciq --limit none --mc-format cloze --k-shot 2 \
+peft-doubter collect --run-dir "$RUNS/sciq" --dataset sciq --limit 2000 --mc-format cloze --k-shot 2 \
   --target-layers late
 peft-doubter train --run-dir "$RUNS/sciq" --num-train-epochs 2
 peft-doubter eval --run-dir "$RUNS/sciq"

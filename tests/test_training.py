@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_doubter import DoubterConfig, cli, run
+from peft_doubter import DoubterConfig, cli, evaluation, run
 from peft_doubter.collect import CollectConfig, load_cache
 from peft_doubter.prompts import PromptConfig
 from peft_doubter.targets import choose_target, tokenize_example
@@ -191,7 +191,24 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
     assert (run_dir / "eval" / "risk_coverage.png").stat().st_size > 0
     assert cli.main(["ask", "--run-dir", str(run_dir), "w12", "w13"]) == 0
     assert capsys.readouterr().out.strip()
+    assert cli.main(["ask", "--run-dir", str(run_dir), "--threshold", "calibrated", "w12", "w13"]) == 0
+    assert "confidence" in capsys.readouterr().out
+    assert cli.main(["ask", "--run-dir", str(run_dir), "--threshold", "high", "w12"]) == 2
+    assert "--threshold must be a number or 'calibrated'" in capsys.readouterr().err
 
+    # Thresholded `ask` answers with the base's own answer iff the Doubter's confidence — the number the evaluation
+    # ranks and calibrates — reaches the threshold.
+    model, tokenizer, manifest = run.load_run_model(run_dir)
+    rows = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"][:3]
+    refusal = model.peft_config[model.active_adapter].refusal_text
+    expected = evaluation.doubter_confidence(model, tokenizer, rows, refusal, "letter", False, 1)
+    tokens = manifest["collect"]["max_new_tokens"]
+    for row, confidence in zip(rows, expected):
+        asked = run.ask(run_dir, row["question"], tokens, model, tokenizer, threshold=0.0)
+        assert asked.confidence == pytest.approx(float(confidence), abs=1e-5)
+        assert asked.text == row["pass1_answer"] and not asked.declined
+        declined = run.ask(run_dir, row["question"], tokens, model, tokenizer, threshold=float(confidence) + 1e-3)
+        assert declined.declined and declined.text == refusal
 
 def test_cli_errors_are_clear_and_lose_nothing(workspace, tmp_path, capsys):
     assert cli.main(["train", "--run-dir", str(tmp_path / "empty")]) == 2

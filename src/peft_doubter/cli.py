@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask = command("ask", "Ask the trained Doubter a question.")
     ask.add_argument("question", nargs="+", help="The question.")
     ask.add_argument("--max-new-tokens", type=int, default=32, help="Longest answer.")
+    ask.add_argument("--threshold", help="Answer with the base's own answer only when the Doubter's confidence in it "
+                     "is at least this ('calibrated': the threshold certified by `peft-doubter eval`). Default: "
+                     "greedy two-pass text.")
 
     command("export", "Write the GGUF sidecar for llama.cpp (run_dir/doubter_sidecar.gguf).")
 
@@ -136,11 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ask(run_dir: Path, question: str, max_new_tokens: int) -> None:
-    from .run import ask
+def _ask(run_dir: Path, question: str, max_new_tokens: int, threshold_text: Optional[str]) -> None:
+    from .run import ask, calibrated_threshold
 
-    answer, declined = ask(run_dir, question, max_new_tokens)
-    print(("[declined] " if declined else "") + answer)
+    threshold = None
+    if threshold_text == "calibrated":
+        threshold = calibrated_threshold(run_dir)
+        if threshold == float("inf"):
+            print("note: the calibrated threshold is infinite (no threshold met the target risk): every question "
+                  "is declined.", file=sys.stderr)
+    elif threshold_text is not None:
+        try:
+            threshold = float(threshold_text)
+        except ValueError:
+            raise ValueError(f"--threshold must be a number or 'calibrated', got {threshold_text!r}.") from None
+    answer = ask(run_dir, question, max_new_tokens, threshold=threshold)
+    confidence = "" if answer.confidence is None else f" (confidence {answer.confidence:.3f})"
+    print(("[declined] " if answer.declined else "") + answer.text + confidence)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -160,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "quickstart":
             run.show_examples(run_dir)
         if args.command == "ask":
-            _ask(run_dir, " ".join(args.question), args.max_new_tokens)
+            _ask(run_dir, " ".join(args.question), args.max_new_tokens, args.threshold)
         if args.command == "export":
             from .export import export_run
 

@@ -244,7 +244,7 @@ def collect(
         rows = []
         for start in range(0, len(shard), collect_config.batch_size):
             batch = shard.select(range(start, min(start + collect_config.batch_size, len(shard))))
-            rows.extend(_collect_batch(peft_model, tokenizer, list(batch), prompt_config, exemplars, judge,
+            rows.extend(collect_batch(peft_model, tokenizer, list(batch), prompt_config, exemplars, judge,
                                        collect_config))
             progress.update(len(batch))
         truncated += sum(row["prompt_truncated"] for row in rows)
@@ -258,8 +258,10 @@ def collect(
     return load_cache(cache_dir)
 
 
-def _collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: PromptConfig, exemplars: Sequence[dict],
-                   judge: Judge, collect_config: CollectConfig) -> list[dict]:
+def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: PromptConfig, exemplars: Sequence[dict],
+                  judge: Judge, collect_config: CollectConfig) -> list[dict]:
+    """Cache rows of a batch of questions: the prompt, the base's own answer (adapters off) and its confidence
+    features, and the pooled read-layer features of the same forward (pass 1)."""
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         prompts = [build_prompt(example, tokenizer, prompt_config, exemplars) for example in batch]

@@ -66,10 +66,10 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
 
 
 def doubter_confidence(model, tokenizer, rows: Sequence[dict], refusal: str, mc_format: str, chat: bool,
-                       batch_size: int) -> np.ndarray:
+                       batch_size: int, progress: bool = True) -> np.ndarray:
     """P(answer) / (P(answer) + P(refusal)) under pass 2 for each cached question."""
     scores = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="Doubter confidence", unit="batch"):
+    for start in tqdm(range(0, len(rows), batch_size), desc="Doubter confidence", unit="batch", disable=not progress):
         batch = rows[start:start + batch_size]
         answers = [_pass1_answer_text(row, mc_format) for row in batch]
         prompts = [row["prompt"] for row in batch] * 2

@@ -347,8 +347,33 @@ def eval_run(run_dir: Path, config: evaluation.EvalConfig, model=None, tokenizer
     return report
 
 
-def ask(run_dir: Path, question: str, max_new_tokens: int = 32, model=None, tokenizer=None) -> tuple[str, bool]:
-    """Two-pass answer of the run's Doubter to one question: (text, declined)."""
+@dataclasses.dataclass
+class Answer:
+    """What `ask` returns. `confidence` is the Doubter's confidence in the base's own answer (thresholded mode)."""
+
+    text: str
+    declined: bool
+    confidence: Optional[float] = None
+
+
+def calibrated_threshold(run_dir: Path, output_name: str = "eval") -> float:
+    """The decline threshold certified by `peft-doubter eval` (Learn-then-Test on the validation split);
+    `inf` when no threshold met the target risk, i.e. declining everything."""
+    evaluations = read_manifest(run_dir).get("evaluations", {})
+    if output_name not in evaluations:
+        raise FileNotFoundError(f"{run_dir} has no calibrated threshold: run `peft-doubter eval --run-dir {run_dir}`.")
+    return float(evaluations[output_name]["threshold"])
+
+
+def ask(run_dir: Path, question: str, max_new_tokens: int = 32, model=None, tokenizer=None,
+        threshold: Optional[float] = None) -> Answer:
+    """The run's Doubter on one question.
+
+    Without `threshold`: greedy two-pass generation. With one: the risk-controlled answer of the evaluation — the
+    base's own greedy answer (pass 1) when the Doubter's confidence in it is at least `threshold`, else the refusal.
+    The confidence is computed exactly as in `peft-doubter eval`, so a threshold from `calibrated_threshold` carries
+    its guarantee (on questions from the same distribution)."""
+    from .collect import collect_batch
     from .prompts import build_prompt, first_line
     from .scoring import is_refusal
 
@@ -358,13 +383,23 @@ def ask(run_dir: Path, question: str, max_new_tokens: int = 32, model=None, toke
     if model is None:
         model, tokenizer, manifest = load_run_model(run_dir)
     prompt_config = PromptConfig(**manifest["prompt"])
-    example = {"id": "ask", "question": question.strip(), "answers": [], "choices": [], "label": -1, "subject": ""}
+    refusal = model.peft_config[model.active_adapter].refusal_text
+    example = {"id": "ask", "question": question.strip(), "answers": [], "choices": [], "label": -1, "subject": "",
+               "split": "ask"}
+    if threshold is not None:
+        collect_config = dataclasses.replace(CollectConfig(**manifest["collect"]), max_new_tokens=max_new_tokens)
+        rows = collect_batch(model, tokenizer, [example], prompt_config, manifest["exemplars"],
+                             JUDGES[collect_config.judge](), collect_config)
+        confidence = float(evaluation.doubter_confidence(model, tokenizer, rows, refusal, prompt_config.mc_format,
+                                                         prompt_config.style == "chat", 1, progress=False)[0])
+        declined = confidence < threshold
+        return Answer(refusal if declined else rows[0]["pass1_answer"], declined, confidence)
     prompt = build_prompt(example, tokenizer, prompt_config, manifest["exemplars"])
     inputs = tokenizer(prompt.text, return_tensors="pt", add_special_tokens=prompt_config.style != "chat")
     out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     text = first_line(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-    return text, is_refusal(text, model.peft_config[model.active_adapter].refusal_text)
+    return Answer(text, is_refusal(text, refusal))
 
 
 def show_examples(run_dir: Path) -> None:
