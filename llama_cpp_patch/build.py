@@ -28,7 +28,10 @@ from typing import Iterator
 PATCH_DIR = Path(__file__).resolve().parent
 PATCH = PATCH_DIR / "doubter.patch"
 TOOL_DIR = PATCH_DIR / "tool"
-SIDECAR_FORMAT = PATCH_DIR.parent / "src" / "peft_doubter" / "sidecar_format.py"
+# A source checkout has src/peft_doubter/ beside this folder; an installed wheel has this folder inside peft_doubter/.
+SIDECAR_FORMAT = next((p for p in (PATCH_DIR.parent / "src" / "peft_doubter" / "sidecar_format.py",
+                                   PATCH_DIR.parent / "sidecar_format.py") if p.is_file()),
+                      PATCH_DIR.parent / "sidecar_format.py")
 SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
 SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"

@@ -27,10 +27,11 @@ from torch import nn
 
 from ._registry import DOUBTER_PEFT_TYPE
 from .base_models import EMBEDDED_MODELS, cache_dir
+from ._assets import asset_dir
 from .config import DoubterConfig, resolve_layers
 from .report import EvaluationReport
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "hub_cards" / "doubter_card.md.j2"
+TEMPLATE_PATH = asset_dir("hub_cards") / "doubter_card.md.j2"
 TAGS = ("peft", "doubter", "selective-prediction", "calibration")
 DOUBTER_METHOD = "doubter"  # the report's name for the Doubter's own scores; every other method is a baseline
 ADAPTER_CONFIG = "adapter_config.json"
@@ -219,8 +220,8 @@ def doubter_card(
     licence, training configuration, the evaluation beside the baselines with intervals (when `report` is given),
     usage and limitations. `files` maps each uploaded file to a description."""
     if not Path(template_path).is_file():
-        raise FileNotFoundError(f"Model-card template {template_path} not found: the default one lives in the "
-                                "`hub_cards/` folder of a peft-doubter source checkout; pass `template_path=`.")
+        raise FileNotFoundError(f"Model-card template {template_path} not found: reinstall peft-doubter (its wheel "
+                                "ships hub_cards/) or pass `template_path=`.")
     files = files or {}
     n_layers = (config.base_fingerprint or {}).get("num_layers")
     layers = {}

@@ -19,15 +19,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ._assets import asset_dir
+
 BUILD_ENV = "PEFT_DOUBTER_BUILD_LLAMA_CPP"
-PATCH_DIR = Path(__file__).resolve().parents[2] / "llama_cpp_patch"
+PATCH_DIR = asset_dir("llama_cpp_patch")
 
 
 def _build_module() -> ModuleType:
     script = PATCH_DIR / "build.py"
     if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: the llama.cpp deploy path needs a source checkout of "
-                                "peft-doubter.")
+        raise FileNotFoundError(f"{script} not found: reinstall peft-doubter (its wheel ships llama_cpp_patch/).")
     name = "_doubter_llama_cpp_build"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, script)
