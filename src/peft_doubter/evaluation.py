@@ -71,7 +71,7 @@ def doubter_confidence(model, tokenizer, rows: Sequence[dict], refusal: str, mc_
     scores = []
     for start in tqdm(range(0, len(rows), batch_size), desc="Doubter confidence", unit="batch", disable=not progress):
         batch = rows[start:start + batch_size]
-        answers = [_pass1_answer_text(row, mc_format) for row in batch]
+        answers = [pass1_answer_text(row, mc_format) for row in batch]
         prompts = [row["prompt"] for row in batch] * 2
         features = torch.as_tensor(np.stack([row["features"] for row in batch])).float().repeat(2, 1, 1)
         logprobs = continuation_logprobs(model, tokenizer, prompts, answers + [refusal] * len(batch), features, chat)
@@ -80,7 +80,7 @@ def doubter_confidence(model, tokenizer, rows: Sequence[dict], refusal: str, mc_
     return np.concatenate(scores)
 
 
-def _pass1_answer_text(row: dict, mc_format: str) -> str:
+def pass1_answer_text(row: dict, mc_format: str) -> str:
     if row["choices"]:
         return LETTERS[row["pass1_choice"]] if mc_format == "letter" else row["choices"][row["pass1_choice"]]
     return row["pass1_answer"] or " "
@@ -111,7 +111,7 @@ def generate_actions(model, tokenizer, rows: Sequence[dict], config: EvalConfig,
             actions.append("corrected" if is_correction(text) else "answered")
             is_right = _judge(row, answer, judge, mc_format)
             right.append(is_right)
-            changed.append(normalize_answer(answer) != normalize_answer(_pass1_answer_text(row, mc_format)))
+            changed.append(normalize_answer(answer) != normalize_answer(pass1_answer_text(row, mc_format)))
     return actions, right, changed, texts
 
 
