@@ -24,10 +24,28 @@ from tqdm.auto import tqdm
 from . import backbone
 from .model import position_ids_from_mask
 from .prompts import LETTERS, PromptConfig, build_prompt, first_line, score_cloze_options
-from .scoring import ContainmentJudge, ExactMatchJudge, Judge
+from .scoring import ContainmentJudge, ExactMatchJudge, Judge, LocalModelJudge
 
 CACHE_MANIFEST = "manifest.json"
 JUDGES: dict[str, type] = {"exact_match": ExactMatchJudge, "containment": ContainmentJudge}
+MODEL_JUDGE_PREFIX = "model:"
+
+
+def check_judge(spec: str) -> None:
+    if spec not in JUDGES and not (spec.startswith(MODEL_JUDGE_PREFIX) and spec[len(MODEL_JUDGE_PREFIX):].strip()):
+        raise ValueError(f"`judge` must be one of {sorted(JUDGES)} or '{MODEL_JUDGE_PREFIX}<chat model name or path>', "
+                         f"got {spec!r}.")
+
+
+def make_judge(spec: str) -> Judge:
+    """The open-QA judge named by `spec`: `exact_match`, `containment`, or `model:<name or path>` — a
+    `LocalModelJudge` on that chat model (an embedded name such as smollm2-135m-instruct, or a checkpoint)."""
+    check_judge(spec)
+    if spec in JUDGES:
+        return JUDGES[spec]()
+    from .base_models import load_base_model
+
+    return LocalModelJudge(*load_base_model(spec[len(MODEL_JUDGE_PREFIX):].strip()))
 
 
 @dataclass
@@ -56,13 +74,16 @@ class CollectConfig:
     max_new_tokens: int = field(default=16, metadata={"help": "Longest greedy open answer (cut at a newline)."})
     batch_size: int = field(default=16, metadata={"help": "Questions per batch."})
     shard_size: int = field(default=256, metadata={"help": "Questions per cache shard (the unit of resumption)."})
-    judge: str = field(default="exact_match", metadata={"help": "Open-QA correctness: exact_match or containment."})
+    judge: str = field(
+        default="exact_match",
+        metadata={"help": "Open-QA correctness: exact_match, containment, or model:<chat model> (a local LLM judge, "
+                  "e.g. model:smollm2-135m-instruct; exact matches are accepted without asking)."},
+    )
     dtype: str = field(default="float32", metadata={"help": "Base model dtype: float32, bfloat16 or float16."})
     quantization: Optional[str] = field(default=None, metadata={"help": "Quantize the base: nf4 or int8."})
 
     def __post_init__(self) -> None:
-        if self.judge not in JUDGES:
-            raise ValueError(f"`judge` must be one of {sorted(JUDGES)}, got {self.judge!r}.")
+        check_judge(self.judge)
         if self.val_fraction <= 0 or self.test_fraction <= 0 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError("`val_fraction` and `test_fraction` must be positive and sum to less than 1.")
         for name in ("max_new_tokens", "batch_size", "shard_size"):
@@ -230,7 +251,7 @@ def collect(
     read_layers = doubter._plans[peft_model.active_adapter].read
     feature_dim = backbone.hidden_size(peft_model) * (2 if config.pooling == "last_mean" else 1)
     features = cache_features(len(read_layers), feature_dim)
-    judge = JUDGES[collect_config.judge]()
+    judge = make_judge(collect_config.judge)
     tokenizer.padding_side = "left"
     shards = [questions.select(range(s, min(s + collect_config.shard_size, len(questions))))
               for s in range(0, len(questions), collect_config.shard_size)]

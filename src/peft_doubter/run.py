@@ -24,12 +24,13 @@ from peft import PeftModel, get_peft_model
 from . import backbone, evaluation
 from .baselines import answer_probability_scores, baseline_confidences, random_confidence
 from .base_models import load_base_model
-from .collect import JUDGES, CollectConfig, cache_identity, collect, load_cache, stop_token_ids
+from .collect import CollectConfig, cache_identity, collect, load_cache, make_judge, stop_token_ids
 from .config import DoubterConfig
 from .data import BENCHMARKS, load_benchmark, load_user_dataset
 from .prompts import PromptConfig
 from .report import EvaluationReport, plot_risk_coverage
 from .risk_control import calibrate, realized
+from .scoring import ExactMatchJudge
 from .splits import assert_disjoint, check_no_overlap, split_by_question
 from .targets import build_training_set, gold_answer
 from .trainer_config import DoubterSFTConfig
@@ -302,7 +303,7 @@ def eval_run(run_dir: Path, config: evaluation.EvalConfig, model=None, tokenizer
                    "n": len(test), "train_questions": len(train), "eval_config": dataclasses.asdict(config)}
     action_kwargs: dict[str, Any] = {}
     if config.generate_text:
-        judge = JUDGES[test_manifest["collect"]["judge"]]()
+        judge = make_judge(test_manifest["collect"]["judge"])
         actions, right, changed, texts = evaluation.generate_actions(model, tokenizer, test, config, refusal, judge,
                                                                      chat, mc_format)
         action_kwargs = {"action": actions, "correction_correct": right}
@@ -389,7 +390,7 @@ def ask(run_dir: Path, question: str, max_new_tokens: int = 32, model=None, toke
     if threshold is not None:
         collect_config = dataclasses.replace(CollectConfig(**manifest["collect"]), max_new_tokens=max_new_tokens)
         rows = collect_batch(model, tokenizer, [example], prompt_config, manifest["exemplars"],
-                             JUDGES[collect_config.judge](), collect_config)
+                             ExactMatchJudge(), collect_config)  # no gold answers to judge against
         confidence = float(evaluation.doubter_confidence(model, tokenizer, rows, refusal, prompt_config.mc_format,
                                                          prompt_config.style == "chat", 1, progress=False)[0])
         declined = confidence < threshold

@@ -117,3 +117,52 @@ class ContainmentJudge:
 
     def __call__(self, question: str, prediction: str, answers: list[str]) -> bool:
         return contains_answer(prediction, answers)
+
+
+JUDGE_QUESTION = (
+    "Question: {question}\nReference answers: {answers}\nCandidate answer: {prediction}\n"
+    "Does the candidate answer mean the same as one of the reference answers? Answer yes or no."
+)
+
+
+class LocalModelJudge:
+    """Asks a local chat model whether a prediction means the same as a reference answer (the seeds used a cloud
+    LLM judge). Exact matches are accepted without asking and empty predictions rejected; otherwise the judge is
+    ``P(yes) / (P(yes) + P(no)) >= threshold`` for the model's next token after :data:`JUDGE_QUESTION` in its chat
+    template ("yes"/"Yes"/"no"/"No" variants summed). ``model`` and ``tokenizer`` are a loaded causal LM."""
+
+    def __init__(self, model, tokenizer, threshold: float = 0.5, max_answers: int = 10) -> None:
+        if tokenizer.chat_template is None:
+            raise ValueError("LocalModelJudge needs a chat model (its tokenizer has no chat template).")
+        self.tokenizer, self.threshold, self.max_answers = tokenizer, threshold, max_answers
+        self.yes_ids = self._first_tokens(("yes", "Yes", " yes", " Yes"))
+        self.no_ids = self._first_tokens(("no", "No", " no", " No"))
+        unknown = {tokenizer.unk_token_id} - {None}
+        if set(self.yes_ids) & set(self.no_ids) or unknown & set(self.yes_ids + self.no_ids):
+            raise ValueError("LocalModelJudge: the judge's tokenizer cannot tell 'yes' from 'no'.")
+        self.model = model.eval()
+
+    def _first_tokens(self, words: Sequence[str]) -> list[int]:
+        return sorted({self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+
+    def probability(self, question: str, prediction: str, answers: Sequence[str]) -> float:
+        """P(yes) / (P(yes) + P(no)) of the judge model."""
+        import torch
+
+        text = JUDGE_QUESTION.format(question=question.strip(), prediction=prediction.strip(),
+                                     answers="; ".join(a.strip() for a in list(answers)[: self.max_answers]))
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            logits = self.model(**ids.to(self.model.device)).logits[0, -1].float()
+        probs = logits.softmax(-1)
+        yes, no = probs[self.yes_ids].sum(), probs[self.no_ids].sum()
+        return float(yes / (yes + no))
+
+    def __call__(self, question: str, prediction: str, answers: list[str]) -> bool:
+        if exact_match(prediction, answers):
+            return True
+        if not normalize_answer(prediction) or not answers:
+            return False
+        return self.probability(question, prediction, answers) >= self.threshold
+
