@@ -14,8 +14,9 @@ peft-doubter train --run-dir "$RUNS/triviaqa" --num-train-epochs 1
 peft-doubter eval --run-dir "$RUNS/triviaqa"
 peft-doubter eval --run-dir "$RUNS/triviaqa" --questions-from "$RUNS/nq-open" --eval-split all \
   --output-name eval-nq-open
-# 3. SciQ as cloze multiple choice (options ranked by log-likelihood), base accuracy mid-range.
-peft-doubter collect --run-dir "$RUNS/sciq" --dataset sciq --limit 2000 --mc-format cloze --k-shot 2 \
+# 3. SciQ as cloze multiple choice (options ranked by log-likelihood), base accuracy mid-range. The package has
+#    its 1,000 validation questions only: 30% of them held out for the test.
+peft-doubter collect --run-dir "$RUNS/sciq" --dataset sciq --limit none --test-fraction 0.3 --mc-format cloze --k-shot 2 \
   --target-layers late
 peft-doubter train --run-dir "$RUNS/sciq" --num-train-epochs 2
 peft-doubter eval --run-dir "$RUNS/sciq"

@@ -221,6 +221,51 @@ def test_batched_left_padded_generation_matches_one_by_one():
         assert torch.equal(batched[row, 9:], single)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_answer_read_position_drafts_then_reads_prompt_plus_draft(family):
+    """read_position='answer': pass 1 drafts the base's own greedy answer (adapter off) and reads its last token;
+    pass 2 generates from the prompt alone with those cognitive tokens. Checked against doing it by hand."""
+    model = make(family, "selective-last", read_position="answer", max_draft_tokens=5)
+    perturb(model)
+    doubter = model.base_model
+    rows = [prompts(1, 5, seed=3), prompts(1, 9, seed=4)]
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), rows[0]], 1), rows[1]])
+    mask = torch.stack([torch.arange(9) >= 4, torch.ones(9, dtype=torch.bool)]).long()
+    stop = int(ids[1, -1])  # some row may stop early on this token
+    with model.disable_adapter(), torch.no_grad():
+        plain = [model.generate(input_ids=r, max_new_tokens=5, do_sample=False, eos_token_id=stop, pad_token_id=0)
+                 for r in rows]
+    expected_drafts = []
+    for row, out in zip(rows, plain):
+        tokens = out[0, row.shape[1]:].tolist()
+        expected_drafts.append(tokens[: tokens.index(stop)] if stop in tokens else tokens)
+    assert doubter.draft_answers(ids, mask, 5, eos_token_id=stop, pad_token_id=0) == expected_drafts
+    # Reading prompt + draft equals pass 1 over each unpadded prompt + draft at its last token.
+    features = doubter.read_answers(ids, mask, expected_drafts).stacked()
+    for index, (row, draft) in enumerate(zip(rows, expected_drafts)):
+        full = torch.cat([row[0], torch.as_tensor(draft, dtype=torch.long)])[None]
+        alone = doubter.run_pass1(full, torch.ones_like(full), torch.tensor([full.shape[1] - 1]),
+                                  keep_prefix=False).stacked()
+        torch.testing.assert_close(features[index], alone[0], rtol=0, atol=1e-4)
+    # Generation = pass 2 from the prompt with those features; it differs from reading the prompt.
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, eos_token_id=stop, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+    generated = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, pass1_features=features).logits[:, -1]
+    torch.testing.assert_close(generated.logits[0], first, rtol=0, atol=1e-4)
+    model.peft_config["default"].read_position = "prompt"
+    from_prompt = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert (from_prompt.logits[0] - generated.logits[0]).abs().max() > 1e-4
+    model.peft_config["default"].read_position = "answer"
+    with pytest.raises(ValueError, match="pass `pass1_features`"):
+        model(input_ids=ids, attention_mask=mask)
+    from peft_doubter.export import doubter_tensors
+
+    with pytest.raises(ValueError, match="no llama.cpp implementation"):
+        doubter_tensors(model)
+
+
 class _Collect(BaseStreamer):
     def __init__(self) -> None:
         self.chunks: list[torch.Tensor] = []
@@ -323,6 +368,8 @@ def test_bad_layers_give_clear_errors(kwargs, message):
         (dict(correction_ratio=-0.1), "`correction_ratio` must lie in"),
         (dict(task_type="SEQ_CLS"), "`task_type` must be 'CAUSAL_LM'"),
         (dict(refusal_text="  "), "`refusal_text` must not be empty"),
+        (dict(read_position="draft"), "`read_position` must be one of"),
+        (dict(max_draft_tokens=0), "`max_draft_tokens` must be a positive integer"),
     ],
 )
 def test_bad_config_values_name_the_field(kwargs, message):

@@ -78,6 +78,36 @@ def test_interrupted_collection_resumes_and_foreign_cache_is_refused(workspace, 
         run.collect_run(run_dir, collect_config(other, workspace["dataset"]), PROMPT, DOUBTER)
 
 
+def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
+    """With read_position='answer' the cache holds the states at the end of the base's own answer, exactly what
+    two-pass generation reads after drafting; the cache and the trained run are tied to that choice."""
+    from peft_doubter.collect import stop_token_ids
+
+    answer_mode = {**DOUBTER, "read_position": "answer", "max_draft_tokens": 3}
+    run_dir = tmp_path / "answer"
+    cache = run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, answer_mode)
+    prompt_cache = load_cache(workspace["run"] / "cache")
+    model, tokenizer, _ = run.load_run_model(run_dir, adapter=False)
+    doubter = model.base_model
+    for index in (0, 1, 2):
+        row = cache[index]
+        assert row["pass1_answer"] == prompt_cache[index]["pass1_answer"]
+        inputs = tokenizer(row["prompt"], return_tensors="pt")
+        drafts = doubter.draft_answers(inputs["input_ids"], inputs["attention_mask"], 3,
+                                       eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        assert tokenizer.decode(drafts[0]).strip() == row["pass1_answer"]
+        read = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"], drafts).stacked()
+        torch.testing.assert_close(torch.as_tensor(row["features"]), read[0], rtol=0, atol=1e-5)
+        if row["pass1_answer"]:
+            assert (torch.as_tensor(row["features"]) - torch.as_tensor(prompt_cache[index]["features"])).abs().max() > 1e-3
+    manifest = (run_dir / "run.json").read_text()
+    with pytest.raises(ValueError, match="different read_position"):
+        run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
+    assert (run_dir / "run.json").read_text() == manifest, "a refused collection leaves the manifest alone"
+    with pytest.raises(ValueError, match="fixed at collection"):
+        run.train_run(run_dir, DoubterSFTConfig(output_dir="unused"), {"read_position": "prompt"})
+
+
 def test_features_captured_during_generation_equal_pass1():
     model = get_peft_model(tiny_models.build("gemma3"), DoubterConfig(**DOUBTER, pooling="last_mean"))
     ids = torch.randint(3, tiny_models.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))

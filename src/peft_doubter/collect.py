@@ -106,6 +106,7 @@ class Pass1Answer:
     first_top2: list[float] = field(default_factory=list)
     first_entropy: float = float("nan")
     option_logprobs: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the kept tokens of an open answer
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -147,7 +148,8 @@ def answer_open(model, tokenizer, inputs: dict, answers: list[list[str]], questi
         token_logprobs = [float(logprobs[i, t]) for i, t in enumerate(kept)] or [float(logprobs[0].max())]
         top2, entropy = _first_token_stats(logits[row, 0])
         results.append(Pass1Answer(text, bool(text) and judge(questions[row], text, answers[row]),
-                                   token_logprobs=token_logprobs, first_top2=top2, first_entropy=entropy))
+                                   token_logprobs=token_logprobs, first_top2=top2, first_entropy=entropy,
+                                   token_ids=kept))
     return results
 
 
@@ -199,12 +201,14 @@ def cache_features(read_layers: int, feature_dim: int) -> datasets.Features:
 
 
 def cache_identity(model, read_layers: Sequence[int], pooling: str, prompt_config: PromptConfig,
-                   collect_config: CollectConfig, exemplar_ids: Sequence[str]) -> dict[str, Any]:
+                   collect_config: CollectConfig, exemplar_ids: Sequence[str], read_position: str = "prompt"
+                   ) -> dict[str, Any]:
     """What a cache depends on; a cache with a different identity is refused."""
     return {
         "base_fingerprint": backbone.fingerprint(model),
         "read_layers": list(read_layers),
         "pooling": pooling,
+        "read_position": read_position,
         "prompt": asdict(prompt_config),
         "dataset": collect_config.dataset,
         "dataset_split": collect_config.dataset_split,
@@ -219,7 +223,7 @@ def check_cache_identity(cache_dir: Path, identity: dict[str, Any]) -> None:
     manifest_path = cache_dir / CACHE_MANIFEST
     if not manifest_path.exists():
         return
-    stored = json.loads(manifest_path.read_text())["identity"]
+    stored = {"read_position": "prompt", **json.loads(manifest_path.read_text())["identity"]}  # older caches
     differences = [key for key in identity if key != "base_fingerprint" and stored.get(key) != identity[key]]
     problems = backbone.fingerprint_mismatch(stored["base_fingerprint"], identity["base_fingerprint"])
     if problems:
@@ -306,6 +310,12 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
                 answers = answer_letter(base, tokenizer, inputs, [e["choices"] for e in batch],
                                         [e["label"] for e in batch])
     pooled = capture.stacked()
+    if peft_model.peft_config[peft_model.active_adapter].read_position == "answer":
+        if batch[0]["choices"]:
+            raise ValueError("read_position='answer' is for open-ended answers; multiple-choice runs read the prompt.")
+        with peft_model.disable_adapter():
+            pooled = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"],
+                                          [answer.token_ids for answer in answers]).stacked()
     return [
         {
             "id": example["id"], "question": example["question"], "answers": example["answers"],

@@ -14,6 +14,7 @@ LayerSpec = Union[list[int], Literal["all", "late"]]
 
 ENCODER_TYPES = ("selective", "multi_token", "transformer")
 POOLINGS = ("last", "mean", "last_mean")
+READ_POSITIONS = ("prompt", "answer")
 DEFAULT_REFUSAL = "I'm not confident enough to answer this question accurately."
 
 
@@ -80,6 +81,17 @@ class DoubterConfig(PeftConfig):
             "help": "How a read layer's prompt states become one vector: 'last' (last prompt token), 'mean' "
             "(mean over prompt tokens) or 'last_mean' (both, concatenated)."
         },
+    )
+    read_position: str = field(
+        default="prompt",
+        metadata={
+            "help": "Where pass 1 reads: 'prompt' (the prompt's last token, the original design) or 'answer' (the "
+            "last token of the base's own greedy draft answer: in generation pass 1 drafts the answer with the "
+            "adapter off, then reads prompt + draft; open-ended answers only)."
+        },
+    )
+    max_draft_tokens: int = field(
+        default=16, metadata={"help": "With read_position='answer': longest draft answer of pass 1 in generation."}
     )
     num_cognitive_tokens: Optional[int] = field(
         default=None,
@@ -183,11 +195,14 @@ class DoubterConfig(PeftConfig):
             raise ValueError(f"`encoder_type` must be one of {ENCODER_TYPES}, got {self.encoder_type!r}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"`pooling` must be one of {POOLINGS}, got {self.pooling!r}.")
+        if self.read_position not in READ_POSITIONS:
+            raise ValueError(f"`read_position` must be one of {READ_POSITIONS}, got {self.read_position!r}.")
         if self.num_cognitive_tokens is not None and (
             not isinstance(self.num_cognitive_tokens, int) or self.num_cognitive_tokens < 1
         ):
             raise ValueError(f"`num_cognitive_tokens` must be a positive integer, got {self.num_cognitive_tokens!r}.")
-        for name in ("encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads", "refresh_interval"):
+        for name in ("encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads", "refresh_interval",
+                     "max_draft_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")

@@ -232,6 +232,9 @@ def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[d
     adapter = adapter_name or peft_model.active_adapter
     doubter = peft_model.base_model
     config = peft_model.peft_config[adapter]
+    if config.read_position != "prompt":
+        raise ValueError(f"read_position={config.read_position!r} has no llama.cpp implementation yet: the sidecar "
+                         "holds Doubters that read the prompt.")
     plan = doubter._plans[adapter]
     tensors = {f"encoder.{k}": v.detach().float().cpu().numpy()
                for k, v in doubter.doubter_encoder[adapter].state_dict().items()}

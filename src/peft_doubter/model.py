@@ -13,7 +13,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -392,6 +392,42 @@ class DoubterModel(BaseTuner):
             raise RuntimeError(f"Pass 1 did not reach read layers {missing}; is the decoder run in order?")
         return capture
 
+    def read_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     answer_ids: Sequence[Sequence[int]]) -> _Capture:
+        """Pass 1 with `read_position='answer'`: the read-layer features at the last token of each row's answer,
+        over prompt + answer (prompts left- or right-padded; an empty answer reads the prompt's last token)."""
+        rows = [torch.cat([ids[mask.bool()], torch.as_tensor(list(answer), dtype=ids.dtype, device=ids.device)])
+                for ids, mask, answer in zip(input_ids, attention_mask, answer_ids)]
+        width = max(len(row) for row in rows)
+        ids = input_ids.new_zeros((len(rows), width))
+        mask = attention_mask.new_zeros((len(rows), width))
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):] = row
+            mask[index, width - len(row):] = 1
+        self._check_prompt(ids, mask)
+        return self.run_pass1(ids, mask, torch.full((len(rows),), width - 1, device=ids.device), keep_prefix=False,
+                              position_ids=position_ids_from_mask(mask))
+
+    def draft_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                      **kwargs: Any) -> list[list[int]]:
+        """The base's own greedy answers (adapter off), cut before the first end token (`eos_token_id`, default
+        the generation config's, or padding)."""
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
+        try:
+            with torch.no_grad():
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                          max_new_tokens=max_new_tokens, **kwargs)
+        finally:
+            self._state.set(saved_tokens, saved_gain)
+        stops = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        stops = set(stops if isinstance(stops, (list, tuple)) else [stops]) | {kwargs.get("pad_token_id")}
+        answers = []
+        for tokens in out[:, input_ids.shape[1]:].tolist():
+            cut = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
+            answers.append(tokens[:cut])
+        return answers
+
     @contextlib.contextmanager
     def capturing_prompt(self, attention_mask: torch.Tensor) -> Iterator[_Capture]:
         """Record the read-layer features of the next forward call of the base model only (e.g. `generate`'s
@@ -446,6 +482,9 @@ class DoubterModel(BaseTuner):
         if "position_ids" not in kwargs and attention_mask is not None:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         prefix_output = None
+        if pass1_features is None and self.peft_config[self._active].read_position == "answer":
+            raise ValueError("With read_position='answer', pass 1 reads the base's own answer: pass "
+                             "`pass1_features` (e.g. from `read_answers` or an activation cache) or use `generate`.")
         if pass1_features is None:
             self._check_prompt(input_ids, attention_mask)
             if read_positions is None:
@@ -474,7 +513,9 @@ class DoubterModel(BaseTuner):
     ) -> torch.Tensor:
         """Two-pass generation: pass 1 on the prompt, then `generate` with the cognitive tokens frozen (or refreshed
         on drift when `dynamic_refresh`), reusing pass 1's KV cache below the first inject layer. Batches must be
-        left-padded. `agc` and `dynamic_refresh` default to the adapter config."""
+        left-padded. `agc` and `dynamic_refresh` default to the adapter config. With `read_position='answer'`,
+        pass 1 first drafts the base's own greedy answer (stopping at `eos_token_id`) and reads prompt + draft;
+        pass 2 then recomputes the whole prompt."""
         if self._active is None:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
@@ -486,6 +527,16 @@ class DoubterModel(BaseTuner):
             raise ValueError("Doubter generation needs left padding: set `tokenizer.padding_side = 'left'`.")
         config: DoubterConfig = self.peft_config[self._active]
         plan = self._plans[self._active]
+        agc = config.agc_enabled if agc is None else agc
+        refresh = config.dynamic_refresh if dynamic_refresh is None else dynamic_refresh
+        if config.read_position == "answer":
+            draft_kwargs = {k: kwargs[k] for k in ("eos_token_id", "pad_token_id") if k in kwargs}
+            drafts = self.draft_answers(input_ids, attention_mask, config.max_draft_tokens, **draft_kwargs)
+            capture = self.read_answers(input_ids, attention_mask, drafts)
+            with torch.no_grad():
+                tokens = self.encode(capture.stacked())
+            with self._injecting(tokens), self._decode_controls(config, agc, refresh, capture):
+                return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         read_positions = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         positions = position_ids_from_mask(attention_mask)
         reuse = reuse_prefix and plan.first_inject > 0 and not (
@@ -503,8 +554,6 @@ class DoubterModel(BaseTuner):
             kwargs["past_key_values"], first_step = self._prefill_pass2(
                 input_ids, attention_mask, positions, capture, tokens, pass1_cache
             )
-        agc = config.agc_enabled if agc is None else agc
-        refresh = config.dynamic_refresh if dynamic_refresh is None else dynamic_refresh
         with self._injecting(tokens), self._first_step_shortcut(first_step), self._decode_controls(
             config, agc, refresh, capture
         ):

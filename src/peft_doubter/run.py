@@ -24,7 +24,8 @@ from peft import PeftModel, get_peft_model
 from . import backbone, evaluation
 from .baselines import answer_probability_scores, baseline_confidences, random_confidence
 from .base_models import load_base_model
-from .collect import CollectConfig, cache_identity, collect, load_cache, make_judge, stop_token_ids
+from .collect import (CollectConfig, cache_identity, check_cache_identity, collect, load_cache, make_judge,
+                      stop_token_ids)
 from .config import DoubterConfig
 from .data import BENCHMARKS, load_benchmark, load_user_dataset
 from .prompts import PromptConfig
@@ -155,7 +156,8 @@ def collect_run(run_dir: Path, collect_config: CollectConfig, prompt_config: Pro
         "cache": "cache",
     }
     identity = cache_identity(base, plan.read, doubter_config.pooling, prompt_config, collect_config,
-                              split_manifest["exemplar_ids"])
+                              split_manifest["exemplar_ids"], doubter_config.read_position)
+    check_cache_identity(run_dir / "cache", identity)  # before the manifest is touched: a refusal changes nothing
     write_manifest(run_dir, manifest)
     cache = collect(model, tokenizer, questions, run_dir / "cache", identity, prompt_config, exemplars,
                     collect_config)
@@ -196,7 +198,7 @@ def train_run(run_dir: Path, training_args: DoubterSFTConfig, doubter_overrides:
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    read_side = {"target_layers", "pooling"} & set(doubter_overrides or {})
+    read_side = {"target_layers", "pooling", "read_position"} & set(doubter_overrides or {})
     changed = [k for k in read_side if doubter_overrides[k] != manifest["doubter"][k]]
     if changed:
         raise ValueError(f"{changed} were fixed at collection (the cache holds those layers); collect a new run.")
