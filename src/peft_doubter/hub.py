@@ -287,6 +287,11 @@ class _Run:
     config: DoubterConfig
     base: BaseModelInfo
 
+    @property
+    def has_sidecar(self) -> bool:
+        """Prompt-reading Doubters ship a sidecar; answer-reading ones have no llama.cpp implementation yet."""
+        return (self.path / SIDECAR_NAME).is_file()
+
 
 def _finished_run(run_dir: Union[str, os.PathLike], base_model: Optional[str], license: Optional[str]) -> _Run:
     run_dir = Path(run_dir)
@@ -299,7 +304,7 @@ def _finished_run(run_dir: Union[str, os.PathLike], base_model: Optional[str], l
         raise FileNotFoundError(f"{run_dir / RUN_MANIFEST} records no trained adapter: {train_hint}.")
     adapter_dir = run_dir / manifest["adapter"]
     config = _check_adapter_dir(adapter_dir, train_hint)
-    if not (run_dir / SIDECAR_NAME).is_file():
+    if config.read_position == "prompt" and not (run_dir / SIDECAR_NAME).is_file():  # answer-reading: no llama.cpp
         raise FileNotFoundError(
             f"No GGUF sidecar at {run_dir / SIDECAR_NAME}: run `peft-doubter export --run-dir {run_dir}` first."
         )
@@ -330,7 +335,8 @@ def _run_card(run: _Run, repo_id: str) -> ModelCard:
     return doubter_card(
         run.config, repo_id, run.base, run=run.manifest,
         report=EvaluationReport.from_json(run.path / EVAL_FILES[0]),
-        adapter_params=_adapter_params(run.adapter_dir / ADAPTER_WEIGHTS), files=RUN_FILES,
+        adapter_params=_adapter_params(run.adapter_dir / ADAPTER_WEIGHTS),
+        files={name: text for name, text in RUN_FILES.items() if name != SIDECAR_NAME or run.has_sidecar},
     )
 
 
@@ -373,7 +379,8 @@ def push_run(
     files: dict[str, Union[Path, bytes]] = {
         ADAPTER_WEIGHTS: run.adapter_dir / ADAPTER_WEIGHTS,
         ADAPTER_CONFIG: _upload_config(run.adapter_dir, run.base),
-        **{name: run.path / name for name in (SIDECAR_NAME, RUN_MANIFEST, *EVAL_FILES)},
+        **{name: run.path / name for name in (SIDECAR_NAME, RUN_MANIFEST, *EVAL_FILES)
+           if name != SIDECAR_NAME or run.has_sidecar},
         "README.md": str(_run_card(run, repo_id)).encode(),
     }
     message = commit_message or f"Upload Doubter run {run.path.resolve().name}"
