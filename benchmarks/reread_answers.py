@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import datasets
@@ -39,8 +38,13 @@ def main() -> None:
     source = read_manifest(args.from_run)
     if source["doubter"].get("read_position", "prompt") != "prompt":
         raise SystemExit(f"{args.from_run} already reads the answer.")
+    if (args.run_dir / "run.json").exists() and read_manifest(args.run_dir).get("reread_from") == {
+            "run": str(args.from_run), "max_train": args.max_train}:
+        print(f"{args.run_dir} was already made from {args.from_run}; nothing to do.")
+        return
     if args.run_dir.exists():
-        raise SystemExit(f"{args.run_dir} exists: choose a new run directory.")
+        raise SystemExit(f"{args.run_dir} exists but is no finished re-read of {args.from_run}: remove it or choose "
+                         "another directory.")
     cache = load_cache(args.from_run / source["cache"])
     if any(len(choices) for choices in cache["choices"]):
         raise SystemExit("read_position='answer' is for open-ended answers.")
@@ -81,7 +85,6 @@ def main() -> None:
         for split in ("train", "val", "test")
     } | {"prompts_truncated": source["cache_summary"].get("prompts_truncated", 0)}
     write_manifest(args.run_dir, manifest)
-    shutil.copy(args.from_run / "run.json", args.run_dir / "source_run.json")
     print(f"{args.run_dir}: {len(cache)} questions ({splits.count('train')} train), features at the answer's end.")
 
 

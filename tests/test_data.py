@@ -24,6 +24,7 @@ EXPECTED_ROWS = {
     "arc_easy": 570,
     "arc_challenge": 299,
     "sciq": 1000,
+    "sciq_open": 1000,
     "commonsense_qa": 1221,
     "openbookqa": 500,
 }
@@ -61,8 +62,17 @@ def test_triviaqa_gold_first_then_deduplicated_aliases():
 
 def test_nq_open_keeps_all_answers():
     first = bench("nq_open")[0]
-    assert first["question"] == "when was the last time anyone was on the moon"
+    assert first["question"] == "when was the last time anyone was on the moon?"
     assert first["answers"] == ["14 December 1972 UTC", "December 1972"]
+    assert all(q.endswith("?") and not q.endswith("??") for q in bench("nq_open")["question"])
+
+
+def test_sciq_open_asks_the_question_without_options():
+    mc, open_qa = bench("sciq"), bench("sciq_open")
+    for index in (0, 1, 500):
+        assert open_qa[index]["question"] == mc[index]["question"]
+        assert open_qa[index]["answers"] == [mc[index]["choices"][mc[index]["label"]]]
+        assert open_qa[index]["choices"] == [] and open_qa[index]["label"] == -1
 
 
 @pytest.mark.parametrize("name", MC_BENCHMARKS)

@@ -59,8 +59,9 @@ class CollectConfig:
     )
     dataset: str = field(
         default="triviaqa",
-        metadata={"help": "A benchmark (triviaqa, nq_open, mmlu, arc_easy, arc_challenge, sciq, commonsense_qa, "
-                  "openbookqa) or a JSONL/JSON/CSV file with question, answer(s) and optional choices."},
+        metadata={"help": "A benchmark (triviaqa, nq_open, mmlu, arc_easy, arc_challenge, sciq, sciq_open, "
+                  "commonsense_qa, openbookqa) or a JSONL/JSON/CSV file with question, answer(s) and optional "
+                  "choices."},
     )
     dataset_split: Optional[str] = field(default=None, metadata={"help": "Split of the benchmark (default: its own)."})
     question_column: str = field(default="question", metadata={"help": "User data: question column."})

