@@ -10,19 +10,19 @@ peft-doubter collect --run-dir "$RUNS/triviaqa" --dataset triviaqa --limit 5300 
   --test-fraction 0.19 --k-shot 2 --target-layers late
 peft-doubter train --run-dir "$RUNS/triviaqa" --num-train-epochs 1
 peft-doubter eval --run-dir "$RUNS/triviaqa"
-# 2. Cross-domain: the TriviaQA Doubter tested zero-shot on SciQ's 1,000 questions asked as open QA (science, not
-#    trivia). NQ-open was the first choice, but Gemma-3-270M answers ~1% of it right: no ranking to measure.
-peft-doubter collect --run-dir "$RUNS/sciq-open" --dataset sciq_open --limit none --k-shot 2 --target-layers late
-peft-doubter eval --run-dir "$RUNS/triviaqa" --questions-from "$RUNS/sciq-open" --eval-split all \
-  --output-name eval-sciq-open
-# 3. SciQ as cloze multiple choice (options ranked by log-likelihood), base accuracy mid-range. The package has
+# 2. SciQ as cloze multiple choice (options ranked by log-likelihood), base accuracy mid-range. The package has
 #    its 1,000 validation questions only: 30% of them held out for the test.
 peft-doubter collect --run-dir "$RUNS/sciq" --dataset sciq --limit none --test-fraction 0.3 --mc-format cloze \
   --k-shot 2 --target-layers late
 peft-doubter train --run-dir "$RUNS/sciq" --num-train-epochs 2
 peft-doubter eval --run-dir "$RUNS/sciq"
+# 3. Cross-domain: the TriviaQA Doubter tested zero-shot on SciQ's 1,000 questions asked as open QA (science, not
+#    trivia). NQ-open was the first choice, but Gemma-3-270M answers ~1% of it right: no ranking to measure.
+peft-doubter collect --run-dir "$RUNS/sciq-open" --dataset sciq_open --limit none --k-shot 2 --target-layers late
+peft-doubter eval --run-dir "$RUNS/triviaqa" --questions-from "$RUNS/sciq-open" --eval-split all \
+  --output-name eval-sciq-open --generate-text false
 # 4. The same TriviaQA questions read at the end of the base's own answer (read_position='answer'): features
-#    recomputed from the collected answers, the first 3,000 training questions, the same 1,007 test questions.
-python benchmarks/reread_answers.py --from-run "$RUNS/triviaqa" --run-dir "$RUNS/triviaqa-answer" --max-train 3000
+#    recomputed from the collected answers, the first 2,000 training questions, the same 1,007 test questions.
+python benchmarks/reread_answers.py --from-run "$RUNS/triviaqa" --run-dir "$RUNS/triviaqa-answer" --max-train 2000
 peft-doubter train --run-dir "$RUNS/triviaqa-answer" --num-train-epochs 1
 peft-doubter eval --run-dir "$RUNS/triviaqa-answer" --generate-text false
