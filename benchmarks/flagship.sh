@@ -22,7 +22,7 @@ peft-doubter collect --run-dir "$RUNS/sciq-open" --dataset sciq_open --limit non
 peft-doubter eval --run-dir "$RUNS/triviaqa" --questions-from "$RUNS/sciq-open" --eval-split all \
   --output-name eval-sciq-open --generate-text false
 # 4. The same TriviaQA questions read at the end of the base's own answer (read_position='answer'): features
-#    recomputed from the collected answers, the first 2,000 training questions, the same 1,007 test questions.
-python benchmarks/reread_answers.py --from-run "$RUNS/triviaqa" --run-dir "$RUNS/triviaqa-answer" --max-train 2000
+#    recomputed from the collected answers, the first 1,500 training questions, the same 1,007 test questions.
+python benchmarks/reread_answers.py --from-run "$RUNS/triviaqa" --run-dir "$RUNS/triviaqa-answer" --max-train 1500
 peft-doubter train --run-dir "$RUNS/triviaqa-answer" --num-train-epochs 1
 peft-doubter eval --run-dir "$RUNS/triviaqa-answer" --generate-text false

@@ -220,6 +220,11 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert report["meta"]["n"] == run.read_manifest(run_dir)["cache_summary"]["test"]["questions"]
     assert (run_dir / "eval" / "risk_coverage.png").stat().st_size > 0
+    main_target = run.read_manifest(run_dir)["evaluations"]["eval"]["target_risk"]
+    targets = [entry["target_risk"] for entry in report["risk_control"]]
+    assert targets[0] == pytest.approx(main_target) and len(targets) > 1, "main target first, then the sweep"
+    scores = report["meta"]["scores"]
+    assert len(scores["test"]["doubter"]) == report["meta"]["n"] and set(scores["test"]) == set(report["methods"])
     assert cli.main(["eval", "--run-dir", str(run_dir), "--generate-text", "false", "--output-name", "ranking",
                      "--n-resamples", "20"]) == 0
     ranking = json.loads((run_dir / "ranking" / "report.json").read_text())

@@ -40,6 +40,11 @@ class EvalConfig:
         metadata={"help": "Risk control target (error rate among answered). Default: half the base error rate."},
     )
     delta: float = field(default=0.1, metadata={"help": "Risk control: allowed probability of missing the target."})
+    risk_sweep: bool = field(
+        default=True,
+        metadata={"help": "Also calibrate at every target risk 0.05, 0.10, ... below the validation error rate, to "
+                  "show target against realised risk over the whole range (the first entry stays the main one)."},
+    )
     n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
     eval_batch_size: int = field(default=8, metadata={"help": "Questions per evaluation batch."})
     generate_text: bool = field(default=True, metadata={"help": "Also generate text to report the text behaviour."})

@@ -220,11 +220,14 @@ def plot_risk_coverage(
     ax.legend(fontsize="small")
     if entries:
         rc = fig.add_subplot(1, 2, 2)
+        points: dict[str, list[tuple[float, float]]] = {}
         for e in entries:
             realised = e["test"]["selective_risk" if e["controlled_risk"] == "selective" else "joint_risk"]
             if realised is not None and math.isfinite(realised):
                 label = f"{e['name']} ({e['method']}, {e['controlled_risk']})"
-                rc.scatter([e["target_risk"]], [realised], label=label)
+                points.setdefault(label, []).append((e["target_risk"], realised))
+        for label, xy in points.items():
+            rc.scatter(*zip(*xy), label=label)
         top = max([e["target_risk"] for e in entries] + [0.05]) * 1.2
         rc.plot([0, top], [0, top], color="black", linestyle=":", label="realised = target")
         rc.set(xlabel="target risk", ylabel="realised test risk", xlim=(0, top), ylim=(0, None))

@@ -337,7 +337,17 @@ def eval_run(run_dir: Path, config: evaluation.EvalConfig, model=None, tokenizer
     target = config.target_risk if config.target_risk is not None else (1 - val_correct.mean()) / 2
     result = calibrate(target, val_confidence, val_correct, delta=config.delta)
     report.add_risk_control("doubter", result, realized(result.threshold, confidence, correct))
+    if config.risk_sweep:
+        for sweep_target in np.arange(0.05, 1 - val_correct.mean(), 0.05).round(2):
+            if not np.isclose(sweep_target, target):
+                swept = calibrate(float(sweep_target), val_confidence, val_correct, delta=config.delta)
+                report.add_risk_control("doubter", swept, realized(swept.threshold, confidence, correct))
 
+    # Per-question scores, so a report can be re-analysed (other thresholds, other metrics) without the model.
+    report.meta["scores"] = {"test": {name: [round(float(x), 6) for x in scores] for name, scores in
+                                      {"doubter": confidence, **baselines}.items()},
+                             "val_doubter": [round(float(x), 6) for x in val_confidence],
+                             "val_correct": val_correct.tolist()}
     paired = _paired_auroc_table(report, correct, {"doubter": confidence, **baselines}, config)
     out = run_dir / config.output_name
     out.mkdir(exist_ok=True)
