@@ -24,6 +24,15 @@ from tqdm.auto import tqdm
 
 from peft_doubter.collect import CACHE_MANIFEST, load_cache
 from peft_doubter.run import load_run_model, read_manifest, write_manifest
+from peft_doubter.targets import tokenize_example
+
+
+def _answer_ids(tokenizer, prompt: str, answer: str, chat: bool) -> list[int]:
+    """The answer's tokens as training appends a target to the prompt, without the end marker."""
+    if not answer:
+        return []
+    row = tokenize_example(tokenizer, prompt, answer, chat)
+    return [token for token, label in zip(row["input_ids"], row["labels"]) if label != -100][:-1]
 
 
 def main() -> None:
@@ -60,8 +69,7 @@ def main() -> None:
     for start in tqdm(range(0, len(cache), args.batch_size), desc="Reading answer ends", unit="batch"):
         rows = cache.select(range(start, min(start + args.batch_size, len(cache))))
         inputs = tokenizer(list(rows["prompt"]), return_tensors="pt", padding=True, add_special_tokens=not chat)
-        answer_ids = [tokenizer(a if p[-1:].isspace() else f" {a}", add_special_tokens=False)["input_ids"] if a else []
-                      for a, p in zip(rows["pass1_answer"], rows["prompt"])]
+        answer_ids = [_answer_ids(tokenizer, p, a, chat) for p, a in zip(rows["prompt"], rows["pass1_answer"])]
         with model.disable_adapter():
             features.append(doubter.read_answers(inputs["input_ids"], inputs["attention_mask"], answer_ids)
                             .stacked().float().numpy())

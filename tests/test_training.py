@@ -107,6 +107,10 @@ def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
     assert (run_dir / "run.json").read_text() == manifest, "a refused collection leaves the manifest alone"
     with pytest.raises(ValueError, match="fixed at collection"):
         run.train_run(run_dir, DoubterSFTConfig(output_dir="unused"), {"read_position": "prompt"})
+    from peft_doubter.evaluation import EvalConfig
+
+    with pytest.raises(ValueError, match="different read_position"):  # cross-domain questions read elsewhere
+        run._eval_questions(run_dir, run.read_manifest(run_dir), EvalConfig(questions_from=str(workspace["run"])))
 
 
 def test_features_captured_during_generation_equal_pass1():

@@ -253,8 +253,9 @@ def _eval_questions(run_dir: Path, manifest: dict[str, Any], config: evaluation.
         for key in ("read_layers", "base_fingerprint"):
             if source_manifest[key] != manifest[key]:
                 raise ValueError(f"{config.questions_from} was collected with a different {key} than {run_dir}.")
-        if source_manifest["doubter"]["pooling"] != manifest["doubter"]["pooling"]:
-            raise ValueError(f"{config.questions_from} was collected with a different pooling than {run_dir}.")
+        for key, default in (("pooling", None), ("read_position", "prompt")):  # read_position: older manifests lack it
+            if source_manifest["doubter"].get(key, default) != manifest["doubter"].get(key, default):
+                raise ValueError(f"{config.questions_from} was collected with a different {key} than {run_dir}.")
         source = load_cache(Path(config.questions_from) / source_manifest["cache"])
     wanted = [i for i, s in enumerate(source["split"]) if config.eval_split in ("all", s)]
     test = [source[i] for i in wanted[: config.max_questions]]
