@@ -34,8 +34,7 @@ MODEL_JUDGE_PREFIX = "model:"
 def check_judge(spec: str) -> None:
     if spec not in JUDGES and not (spec.startswith(MODEL_JUDGE_PREFIX) and spec[len(MODEL_JUDGE_PREFIX):].strip()):
         raise ValueError(f"`judge` must be one of {sorted(JUDGES)} or '{MODEL_JUDGE_PREFIX}<chat model name or "
-                         "path>', "
-                         f"got {spec!r}.")
+                         f"path>', got {spec!r}.")
 
 
 def make_judge(spec: str) -> Judge:
