@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 
 from peft_doubter import DoubterConfig
-from peft_doubter.base_models import load_base_model
+from peft_doubter.tuner.base_models import load_base_model
 
 PROMPT = (
     "Q: Which planet is known as the Red Planet?\nA: Mars\n\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from peft_doubter.base_models import load_base_model
+from peft_doubter.tuner.base_models import load_base_model
 from peft_doubter.hub import download_sidecar, load_doubter, push_run
 
 

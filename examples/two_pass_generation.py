@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 
 from peft_doubter import DoubterConfig
-from peft_doubter.base_models import load_base_model
+from peft_doubter.tuner.base_models import load_base_model
 
 torch.manual_seed(0)
 base, tokenizer = load_base_model("gemma-3-270m")

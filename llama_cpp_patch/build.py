@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -29,9 +31,8 @@ PATCH_DIR = Path(__file__).resolve().parent
 PATCH = PATCH_DIR / "doubter.patch"
 TOOL_DIR = PATCH_DIR / "tool"
 # A source checkout has src/peft_doubter/ beside this folder; an installed wheel has this folder inside peft_doubter/.
-SIDECAR_FORMAT = next((p for p in (PATCH_DIR.parent / "src" / "peft_doubter" / "sidecar_format.py",
-                                   PATCH_DIR.parent / "sidecar_format.py") if p.is_file()),
-                      PATCH_DIR.parent / "sidecar_format.py")
+PACKAGE_DIR = next((p for p in (PATCH_DIR.parent / "src" / "peft_doubter", PATCH_DIR.parent)
+                    if (p / "deploy" / "sidecar_format.py").is_file()), PATCH_DIR.parent)
 SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
 SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -58,12 +59,15 @@ CMAKE_FLAGS = (
 
 
 def keys_header() -> str:
-    """The C header with the sidecar's key and tensor names, generated from this checkout's `sidecar_format.py`
-    (loaded as a file: importing the `peft_doubter` package would pull in torch)."""
-    spec = importlib.util.spec_from_file_location("_doubter_sidecar_format", SIDECAR_FORMAT)
-    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)
-    return module.c_header()
+    """The C header with the sidecar's key and tensor names, generated from this checkout's
+    `deploy/sidecar_format.py`. It is imported under a stand-in for the package root, so that its relative import of
+    `names` works without running `peft_doubter/__init__.py` (which registers with PEFT and pulls in torch)."""
+    root = "_doubter_build_package"
+    if root not in sys.modules:
+        package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(root, None, is_package=True))
+        package.__path__ = [str(PACKAGE_DIR)]
+        sys.modules[root] = package
+    return importlib.import_module(f"{root}.deploy.sidecar_format").c_header()
 
 
 def source_hash() -> str:

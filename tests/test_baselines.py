@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from peft_doubter.baselines import (
+from peft_doubter.evaluation.baselines import (
     LogisticProbe,
     PassOneFeatures,
     answer_feature_matrix,
@@ -14,7 +14,7 @@ from peft_doubter.baselines import (
     baseline_confidences,
     random_confidence,
 )
-from peft_doubter.metrics import auroc
+from peft_doubter.evaluation.metrics import auroc
 
 
 @pytest.fixture(autouse=True)

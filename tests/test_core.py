@@ -260,7 +260,7 @@ def test_answer_read_position_drafts_then_reads_prompt_plus_draft(family):
     model.peft_config["default"].read_position = "answer"
     with pytest.raises(ValueError, match="pass `pass1_features`"):
         model(input_ids=ids, attention_mask=mask)
-    from peft_doubter.export import doubter_tensors
+    from peft_doubter.deploy.sidecar import doubter_tensors
 
     with pytest.raises(ValueError, match="no llama.cpp implementation"):
         doubter_tensors(model)
@@ -426,6 +426,6 @@ def test_non_decoder_model_lists_what_was_found():
 
 
 def test_late_means_upper_third():
-    assert peft_doubter.config.resolve_layers("target_layers", "late", 18) == list(range(12, 18))
-    assert peft_doubter.config.resolve_layers("target_layers", "late", 32) == list(range(21, 32))
-    assert peft_doubter.config.resolve_layers("target_layers", [-1, 0], 4) == [0, 3]
+    assert peft_doubter.tuner.config.resolve_layers("target_layers", "late", 18) == list(range(12, 18))
+    assert peft_doubter.tuner.config.resolve_layers("target_layers", "late", 32) == list(range(21, 32))
+    assert peft_doubter.tuner.config.resolve_layers("target_layers", [-1, 0], 4) == [0, 3]

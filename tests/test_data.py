@@ -7,7 +7,7 @@ from functools import cache
 import datasets
 import pytest
 
-from peft_doubter.data import (
+from peft_doubter.data.benchmarks import (
     BENCHMARKS,
     UNIFIED_FEATURES,
     benchmark_splits,

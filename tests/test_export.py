@@ -6,8 +6,9 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_doubter import DoubterConfig, numpy_reference
-from peft_doubter.export import doubter_tensors, read_sidecar, write_sidecar
+from peft_doubter import DoubterConfig
+from peft_doubter.deploy import numpy_reference
+from peft_doubter.deploy.sidecar import doubter_tensors, read_sidecar, write_sidecar
 
 import tiny_models
 

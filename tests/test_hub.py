@@ -30,10 +30,10 @@ import tiny_models
 import tiny_run
 from hub_server import HubServer
 from peft_doubter import DoubterConfig
-from peft_doubter.export import doubter_tensors, read_sidecar, write_sidecar
+from peft_doubter.deploy.sidecar import doubter_tensors, read_sidecar, write_sidecar
+from peft_doubter.hub.card import TAGS
+from peft_doubter.names import SIDECAR_FILE as SIDECAR_NAME
 from peft_doubter.hub import (
-    SIDECAR_NAME,
-    TAGS,
     base_model_info,
     check_doubter_repo,
     doubter_card,
@@ -42,7 +42,7 @@ from peft_doubter.hub import (
     push_run,
     run_card,
 )
-from peft_doubter.report import EvaluationReport, plot_risk_coverage
+from peft_doubter.evaluation.report import EvaluationReport, plot_risk_coverage
 
 TESTS = Path(__file__).resolve().parent
 EXAMPLE = TESTS.parent / "examples" / "push_and_load.py"
@@ -521,7 +521,7 @@ def test_failed_push_raises_and_changes_nothing_remote(hub, clients):
 
 
 def client_llama_cpp_from_hub(repo_id: str, gguf_path: str, build_dir: str) -> dict:
-    from peft_doubter.llama_cpp import run_tool
+    from peft_doubter.deploy.llama_cpp import run_tool
 
     out = run_tool(gguf_path, "Q: What is the capital of France?\nA:", sidecar=repo_id, n_predict=4, threads=1,
                    build_dir=Path(build_dir))
@@ -532,7 +532,7 @@ def client_llama_cpp_from_hub(repo_id: str, gguf_path: str, build_dir: str) -> d
 def test_llama_cpp_tool_runs_a_sidecar_downloaded_from_the_hub(hub, tmp_path):
     from test_llama_cpp import make_sidecar
 
-    from peft_doubter import llama_cpp
+    from peft_doubter.deploy import llama_cpp
 
     try:
         build = llama_cpp.ensure_llama_cpp_build()

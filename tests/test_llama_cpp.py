@@ -12,9 +12,9 @@ import gguf
 import numpy as np
 import pytest
 
-from peft_doubter import llama_cpp
-from peft_doubter import numpy_reference as ref
-from peft_doubter.export import read_sidecar, write_sidecar
+from peft_doubter.deploy import llama_cpp
+from peft_doubter.deploy import numpy_reference as ref
+from peft_doubter.deploy.sidecar import read_sidecar, write_sidecar
 
 pytestmark = pytest.mark.llama_cpp
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from peft_doubter import metrics as M
+from peft_doubter.evaluation import metrics as M
 
 # The running example. Sorted by confidence (already descending): correct 1 0 1 1 0.
 #   top-k errors, k = 1..5:  0 1 1 1 2   -> risks 0, 1/2, 1/3, 1/4, 2/5
@@ -195,7 +195,7 @@ def test_text_behaviour_validation():
 
 def test_evaluate_load_offline(tmp_path, monkeypatch):
     evaluate = pytest.importorskip("evaluate")
-    from peft_doubter.evaluate_metric import METRIC_PATH
+    from peft_doubter.evaluation.evaluate_metric import METRIC_PATH
 
     monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", tmp_path / "modules")
     metric = evaluate.load(METRIC_PATH, keep_in_memory=True)

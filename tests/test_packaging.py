@@ -9,11 +9,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
-import json, peft_doubter, peft_doubter.hub as hub, peft_doubter.llama_cpp as llama_cpp
+import json, peft_doubter, peft_doubter.hub.card as hub, peft_doubter.deploy.llama_cpp as llama_cpp
 build = llama_cpp._build_module()
 print(json.dumps({"package": peft_doubter.__file__, "template": str(hub.TEMPLATE_PATH),
                   "template_exists": hub.TEMPLATE_PATH.is_file(), "patch_dir": str(llama_cpp.PATCH_DIR),
-                  "sidecar_format": str(build.SIDECAR_FORMAT), "hash": build.source_hash()}))
+                  "package_dir": str(build.PACKAGE_DIR), "hash": build.source_hash()}))
 """
 
 
@@ -37,7 +37,7 @@ def test_installed_wheel_finds_its_card_template_and_llama_cpp_patch(tmp_path):
     assert Path(installed["package"]).parent == inside
     assert installed["template_exists"] and Path(installed["template"]).parent == inside / "hub_cards"
     assert Path(installed["patch_dir"]) == inside / "llama_cpp_patch"
-    assert Path(installed["sidecar_format"]) == inside / "sidecar_format.py"
+    assert Path(installed["package_dir"]) == inside  # where the build reads deploy/sidecar_format.py
     # The same sources, so the same llama.cpp build cache key as the checkout.
     assert installed["hash"] == source["hash"]
     assert Path(source["template"]) == ROOT / "hub_cards" / "doubter_card.md.j2"

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from peft_doubter.prompts import (
+from peft_doubter.data.prompts import (
     Prompt,
     PromptConfig,
     build_prompt,

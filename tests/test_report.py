@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from peft_doubter.report import EvaluationReport, plot_risk_coverage
-from peft_doubter.risk_control import calibrate, realized
+from peft_doubter.evaluation.report import EvaluationReport, plot_risk_coverage
+from peft_doubter.evaluation.risk_control import calibrate, realized
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

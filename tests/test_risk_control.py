@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from peft_doubter.risk_control import calibrate, realized
+from peft_doubter.evaluation.risk_control import calibrate, realized
 
 
 def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

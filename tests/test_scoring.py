@@ -2,7 +2,7 @@
 
 import pytest
 
-from peft_doubter.scoring import (
+from peft_doubter.data.scoring import (
     DEFAULT_REFUSAL,
     ContainmentJudge,
     ExactMatchJudge,
@@ -89,8 +89,8 @@ def _judge_model(tmp_path):
 
 
 def test_local_model_judge_asks_the_model_only_when_exact_match_fails(tmp_path):
-    from peft_doubter.collect import make_judge
-    from peft_doubter.scoring import LocalModelJudge
+    from peft_doubter.data.collection import make_judge
+    from peft_doubter.data.scoring import LocalModelJudge
 
     model, tokenizer = _judge_model(tmp_path)
     judge = LocalModelJudge(model, tokenizer)
@@ -123,8 +123,8 @@ def test_local_model_judge_asks_the_model_only_when_exact_match_fails(tmp_path):
 
 
 def test_judge_specs_are_checked():
-    from peft_doubter.collect import CollectConfig, make_judge
-    from peft_doubter.scoring import ContainmentJudge, LocalModelJudge
+    from peft_doubter.data.collection import CollectConfig, make_judge
+    from peft_doubter.data.scoring import ContainmentJudge, LocalModelJudge
 
     assert isinstance(make_judge("containment"), ContainmentJudge)
     for bad in ("model:", "gpt4", "model:  "):

@@ -11,9 +11,9 @@ import gguf
 import numpy as np
 import pytest
 
-from peft_doubter import numpy_reference as ref
-from peft_doubter import sidecar_format as fmt
-from peft_doubter.export import read_sidecar, write_sidecar
+from peft_doubter.deploy import numpy_reference as ref
+from peft_doubter.deploy import sidecar_format as fmt
+from peft_doubter.deploy.sidecar import read_sidecar, write_sidecar
 
 PATCH = Path(__file__).resolve().parents[1] / "llama_cpp_patch" / "doubter.patch"
 # metadata the C++ loader has no use for: it checks `general.architecture` instead of the HF model type

@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 
-from peft_doubter.splits import assert_disjoint, check_no_overlap, split_by_question
+from peft_doubter.data.splits import assert_disjoint, check_no_overlap, split_by_question
 
 
 def make(n: int, duplicates: int = 0) -> datasets.Dataset:

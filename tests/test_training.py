@@ -11,12 +11,17 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_doubter import DoubterConfig, cli, evaluation, run
-from peft_doubter.collect import CollectConfig, load_cache
-from peft_doubter.prompts import PromptConfig
-from peft_doubter.targets import choose_target, tokenize_example
-from peft_doubter.trainer import DoubterTrainer, is_fast_parameter, pretrain_projectors
-from peft_doubter.trainer_config import DoubterSFTConfig
+from peft_doubter import DoubterConfig, cli
+from peft_doubter.evaluation.confidence import doubter_confidence
+from peft_doubter.runs import stages
+from peft_doubter.runs.ask import ask
+from peft_doubter.runs.manifest import read_manifest
+from peft_doubter.data.collection import CollectConfig, load_cache
+from peft_doubter.data.prompts import PromptConfig
+from peft_doubter.data.sequences import tokenize_example
+from peft_doubter.training.targets import choose_target
+from peft_doubter.training.trainer import DoubterTrainer, is_fast_parameter, pretrain_projectors
+from peft_doubter.training.config import DoubterSFTConfig
 
 import tiny_models
 import tiny_run
@@ -36,24 +41,24 @@ def workspace(tmp_path_factory):
     """A tiny model and a QA file on which the model's own greedy answer is gold for about half the questions."""
     root = tmp_path_factory.mktemp("pipeline")
     model_dir = tiny_run.save_tiny_model(root / "model")
-    probe = run.collect_run(root / "probe", collect_config(model_dir, tiny_run.write_questions(root / "raw.jsonl")),
+    probe = stages.collect_run(root / "probe", collect_config(model_dir, tiny_run.write_questions(root / "raw.jsonl")),
                             PROMPT, DOUBTER)
     own = {row["question"]: row["pass1_answer"] for i, row in enumerate(probe) if i % 2 == 0 and row["pass1_answer"]}
     dataset = tiny_run.write_questions(root / "qa.jsonl", answers=own)
     run_dir = root / "run"
-    run.collect_run(run_dir, collect_config(model_dir, dataset), PROMPT, DOUBTER)
+    stages.collect_run(run_dir, collect_config(model_dir, dataset), PROMPT, DOUBTER)
     return {"root": root, "model": model_dir, "dataset": dataset, "run": run_dir}
 
 
 def test_cache_holds_answers_correctness_and_pass1_features(workspace):
     cache = load_cache(workspace["run"] / "cache")
-    manifest = run.read_manifest(workspace["run"])
+    manifest = read_manifest(workspace["run"])
     assert len(cache) == 60 and set(cache["split"]) == {"train", "val", "test"}
     assert 0.3 < sum(cache["correct"]) / len(cache) < 0.7
     assert manifest["read_layers"] == [1, 2, 3] and manifest["cache_summary"]["test"]["questions"] > 0
     row = cache[0]
     assert torch.as_tensor(row["features"]).shape == (3, 64)
-    model, tokenizer, _ = run.load_run_model(workspace["run"], adapter=False)
+    model, tokenizer, _ = stages.load_run_model(workspace["run"], adapter=False)
     inputs = tokenizer(row["prompt"], return_tensors="pt")
     features = model.base_model.run_pass1(inputs["input_ids"], inputs["attention_mask"],
                                           torch.tensor([inputs["input_ids"].shape[1] - 1])).stacked()
@@ -66,28 +71,28 @@ def test_interrupted_collection_resumes_and_foreign_cache_is_refused(workspace, 
     shutil.copytree(workspace["run"], run_dir)
     kept = (run_dir / "cache" / "shard-00000").stat().st_mtime_ns
     shutil.rmtree(run_dir / "cache" / "shard-00002")
-    resumed = run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
+    resumed = stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
     assert len(resumed) == 60
     assert (run_dir / "cache" / "shard-00000").stat().st_mtime_ns == kept, "finished shards are not recomputed"
     assert resumed["id"] == load_cache(workspace["run"] / "cache")["id"]
     with pytest.raises(ValueError, match="activation cache .* different read_layers"):
-        run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT,
+        stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT,
                         {**DOUBTER, "target_layers": [2, 3]})
     other = tiny_run.save_tiny_model(tmp_path / "other", family="qwen2")
     with pytest.raises(ValueError, match="made for base model"):
-        run.collect_run(run_dir, collect_config(other, workspace["dataset"]), PROMPT, DOUBTER)
+        stages.collect_run(run_dir, collect_config(other, workspace["dataset"]), PROMPT, DOUBTER)
 
 
 def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
     """With read_position='answer' the cache holds the states at the end of the base's own answer, exactly what
     two-pass generation reads after drafting; the cache and the trained run are tied to that choice."""
-    from peft_doubter.collect import stop_token_ids
+    from peft_doubter.data.collection import stop_token_ids
 
     answer_mode = {**DOUBTER, "read_position": "answer", "max_draft_tokens": 3}
     run_dir = tmp_path / "answer"
-    cache = run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, answer_mode)
+    cache = stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, answer_mode)
     prompt_cache = load_cache(workspace["run"] / "cache")
-    model, tokenizer, _ = run.load_run_model(run_dir, adapter=False)
+    model, tokenizer, _ = stages.load_run_model(run_dir, adapter=False)
     doubter = model.base_model
     for index in (0, 1, 2):
         row = cache[index]
@@ -103,14 +108,14 @@ def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
             assert moved.abs().max() > 1e-3
     manifest = (run_dir / "run.json").read_text()
     with pytest.raises(ValueError, match="different read_position"):
-        run.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
+        stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
     assert (run_dir / "run.json").read_text() == manifest, "a refused collection leaves the manifest alone"
     with pytest.raises(ValueError, match="fixed at collection"):
-        run.train_run(run_dir, DoubterSFTConfig(output_dir="unused"), {"read_position": "prompt"})
-    from peft_doubter.evaluation import EvalConfig
+        stages.train_run(run_dir, DoubterSFTConfig(output_dir="unused"), {"read_position": "prompt"})
+    from peft_doubter.evaluation.protocol import EvalConfig
 
     with pytest.raises(ValueError, match="different read_position"):  # cross-domain questions read elsewhere
-        run._eval_questions(run_dir, run.read_manifest(run_dir), EvalConfig(questions_from=str(workspace["run"])))
+        stages._eval_questions(run_dir, read_manifest(run_dir), EvalConfig(questions_from=str(workspace["run"])))
 
 
 def test_features_captured_during_generation_equal_pass1():
@@ -195,12 +200,12 @@ def test_training_lowers_the_loss_and_interrupted_training_resumes(workspace, tm
     DoubterTrainer.__init__ = with_interrupt
     try:
         with pytest.raises(Interrupt):
-            run.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
+            stages.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
     finally:
         DoubterTrainer.__init__ = original
     assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] and not (run_dir / "adapter").exists()
-    trainer = run.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
-    manifest = run.read_manifest(run_dir)
+    trainer = stages.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
+    manifest = read_manifest(run_dir)
     steps_per_epoch = -(-manifest["train"]["train_questions"] // 4)
     assert manifest["train"]["resumed_from"].endswith(f"checkpoint-{steps_per_epoch}")
     assert trainer.state.global_step == 3 * steps_per_epoch
@@ -222,9 +227,9 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
     assert code == 0
     assert "| doubter |" in out and "| probe |" in out and "| p_min_token |" in out and "Risk control" in out
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert report["meta"]["n"] == run.read_manifest(run_dir)["cache_summary"]["test"]["questions"]
+    assert report["meta"]["n"] == read_manifest(run_dir)["cache_summary"]["test"]["questions"]
     assert (run_dir / "eval" / "risk_coverage.png").stat().st_size > 0
-    main_target = run.read_manifest(run_dir)["evaluations"]["eval"]["target_risk"]
+    main_target = read_manifest(run_dir)["evaluations"]["eval"]["target_risk"]
     targets = [entry["target_risk"] for entry in report["risk_control"]]
     assert targets[0] == pytest.approx(main_target) and len(targets) > 1, "main target first, then the sweep"
     scores = report["meta"]["scores"]
@@ -243,16 +248,16 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
 
     # Thresholded `ask` answers with the base's own answer iff the Doubter's confidence — the number the evaluation
     # ranks and calibrates — reaches the threshold.
-    model, tokenizer, manifest = run.load_run_model(run_dir)
+    model, tokenizer, manifest = stages.load_run_model(run_dir)
     rows = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"][:3]
     refusal = model.peft_config[model.active_adapter].refusal_text
-    expected = evaluation.doubter_confidence(model, tokenizer, rows, refusal, "letter", False, 1)
+    expected = doubter_confidence(model, tokenizer, rows, refusal, "letter", False, 1)
     tokens = manifest["collect"]["max_new_tokens"]
     for row, confidence in zip(rows, expected):
-        asked = run.ask(run_dir, row["question"], tokens, model, tokenizer, threshold=0.0)
+        asked = ask(run_dir, row["question"], tokens, model, tokenizer, threshold=0.0)
         assert asked.confidence == pytest.approx(float(confidence), abs=1e-5)
         assert asked.text == row["pass1_answer"] and not asked.declined
-        declined = run.ask(run_dir, row["question"], tokens, model, tokenizer, threshold=float(confidence) + 1e-3)
+        declined = ask(run_dir, row["question"], tokens, model, tokenizer, threshold=float(confidence) + 1e-3)
         assert declined.declined and declined.text == refusal
 
 def test_cli_errors_are_clear_and_lose_nothing(workspace, tmp_path, capsys):
@@ -291,7 +296,7 @@ def test_training_script_under_accelerate_launch_with_two_cpu_processes(workspac
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = run.read_manifest(run_dir)
+    manifest = read_manifest(run_dir)
     steps = -(-manifest["train"]["train_questions"] // 8)  # 2 processes x 4 rows per step: the data is split
     assert manifest["train"]["metrics"]["epoch"] == 1.0
     assert any(entry.get("step") == steps for entry in manifest["train"]["log_history"])

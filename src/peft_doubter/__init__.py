@@ -2,12 +2,20 @@
 
 `import peft_doubter` registers the method with PEFT, so `get_peft_model(model, DoubterConfig(...))`,
 `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` work for Doubter adapters.
+
+Sub-packages, imports flowing one way: `tuner` (the core) -> `data`, `deploy` -> `training`, `evaluation` -> `hub`
+-> `agent` -> `runs` -> `serving` -> `cli`.
 """
 
-from ._registry import DOUBTER_PEFT_TYPE, register
-from .config import DoubterConfig
-from .layer import BottleneckCrossAttention, CognitiveEncoder, DoubterLayer
-from .model import DoubterModel
+from .tuner import (
+    DOUBTER_PEFT_TYPE,
+    BottleneckCrossAttention,
+    CognitiveEncoder,
+    DoubterConfig,
+    DoubterLayer,
+    DoubterModel,
+    register,
+)
 
 register()
 

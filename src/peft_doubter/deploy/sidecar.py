@@ -9,16 +9,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..names import ENCODER_TYPES, POOLINGS, SIDECAR_FILE
+from ..paths import fetch_file
 from .sidecar_format import (
     ADAPTER_TYPE,
-    ENCODER_TYPES,
     GENERAL_TYPE,
     KEY_ADAPTER_TYPE,
     KEY_GENERAL_ARCHITECTURE,
     KEY_GENERAL_TYPE,
     LEGACY_DEFAULTS,
     META_KEYS,
-    POOLINGS,
     expected_shapes,
     llama_cpp_arch,
     to_canonical_name,
@@ -226,8 +226,8 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
 
 def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The canonical tensors and sidecar metadata of a Doubter adapter attached to its base (a `PeftModel`)."""
-    from . import backbone
-    from .layer import DoubterLayer
+    from ..tuner import backbone
+    from ..tuner.layer import DoubterLayer
 
     adapter = adapter_name or peft_model.active_adapter
     doubter = peft_model.base_model
@@ -259,10 +259,13 @@ def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[d
     return tensors, metadata
 
 
-def export_run(run_dir: str | os.PathLike) -> Path:
-    """`peft-doubter export`: the run's trained adapter as `run_dir/doubter_sidecar.gguf`."""
-    from .run import load_run_model
-
-    model, _, _ = load_run_model(Path(run_dir))
-    tensors, metadata = doubter_tensors(model)
-    return write_sidecar(Path(run_dir) / "doubter_sidecar.gguf", tensors, metadata)
+def download_sidecar(repo_id_or_path: str | os.PathLike, revision: str | None = None, *,
+                     token: str | None = None) -> Path:
+    """Local path of a Doubter's GGUF sidecar for `llama-doubter --sidecar`: a `.gguf` file as is, a run or repo
+    directory's sidecar, or that file downloaded from a Hub repo."""
+    path = Path(repo_id_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"No sidecar at {path}.")
+        return path
+    return fetch_file(repo_id_or_path, SIDECAR_FILE, revision, token)

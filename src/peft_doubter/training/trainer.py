@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback
 from trl import SFTTrainer
 
-from .model import DoubterModel
-from .targets import align_prompts, target_columns
-from .trainer_config import DoubterSFTConfig
+from ..data.sequences import align_prompts, target_columns
+from ..tuner.model import DoubterModel
+from .config import DoubterSFTConfig
 
 FAST_PARAMETERS = ("gate", "gates", "token_preference")
 
@@ -100,7 +100,7 @@ def pretrain_projectors(
 
 class DoubterTrainer(SFTTrainer):
     """Trains a Doubter adapter (`get_peft_model(model, DoubterConfig(...))`) on rows from
-    `peft_doubter.targets.build_training_set`. Works like `SFTTrainer`: `train(resume_from_checkpoint=...)`,
+    `peft_doubter.training.targets.build_training_set`. Works like `SFTTrainer`: `train(resume_from_checkpoint=...)`,
     `evaluate()`, `save_model()`, gradient accumulation, 8-bit Adam (`optim="adamw_bnb_8bit"`), `accelerate launch`."""
 
     _tag_names = ["trl", "sft", "peft-doubter", "selective-prediction"]

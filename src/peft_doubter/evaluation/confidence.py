@@ -8,49 +8,17 @@ separately: declined, answered (same or different answer than pass 1) or correct
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.collection import stop_token_ids
+from ..data.prompts import LETTERS, first_line
+from ..data.scoring import extract_correction, extract_letter, is_correction, is_refusal, normalize_answer
+from ..data.sequences import align_prompts, target_columns, tokenize_example
 from .baselines import PassOneFeatures
-from .collect import stop_token_ids
-from .prompts import LETTERS, first_line
-from .scoring import extract_correction, extract_letter, is_correction, is_refusal, normalize_answer
-from .targets import align_prompts, target_columns, tokenize_example
-
-
-@dataclass
-class EvalConfig:
-    """How a run is evaluated."""
-
-    eval_split: str = field(
-        default="test", metadata={"help": "Cached split to evaluate (held out from training), or 'all'."}
-    )
-    questions_from: Optional[str] = field(
-        default=None,
-        metadata={"help": "Another run directory (same base and read layers) whose cached questions are the test "
-                  "set: a zero-shot cross-domain test. Train and val still come from this run."},
-    )
-    output_name: str = field(default="eval", metadata={"help": "Folder of the run directory for the report."})
-    target_risk: Optional[float] = field(
-        default=None,
-        metadata={"help": "Risk control target (error rate among answered). Default: half the base error rate."},
-    )
-    delta: float = field(default=0.1, metadata={"help": "Risk control: allowed probability of missing the target."})
-    risk_sweep: bool = field(
-        default=True,
-        metadata={"help": "Also calibrate at every target risk 0.05, 0.10, ... below the validation error rate, to "
-                  "show target against realised risk over the whole range (the first entry stays the main one)."},
-    )
-    n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Questions per evaluation batch."})
-    generate_text: bool = field(default=True, metadata={"help": "Also generate text to report the text behaviour."})
-    max_answer_tokens: int = field(default=24, metadata={"help": "Longest generated answer in evaluation."})
-    max_questions: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N questions."})
-    bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the random baseline and the bootstrap."})
 
 
 @torch.no_grad()
@@ -92,17 +60,17 @@ def pass1_answer_text(row: dict, mc_format: str) -> str:
 
 
 @torch.no_grad()
-def generate_actions(model, tokenizer, rows: Sequence[dict], config: EvalConfig, refusal: str, judge, chat: bool,
-                     mc_format: str) -> tuple[list[str], list[bool], list[bool], list[str]]:
+def generate_actions(model, tokenizer, rows: Sequence[dict], batch_size: int, max_answer_tokens: int, refusal: str,
+                     judge, chat: bool, mc_format: str) -> tuple[list[str], list[bool], list[bool], list[str]]:
     """Greedy two-pass generation: per question the action (answered / declined / corrected), whether the final
     answer is right, whether an answer differs from pass 1, and the text."""
     tokenizer.padding_side = "left"
     actions, right, changed, texts = [], [], [], []
-    for start in tqdm(range(0, len(rows), config.eval_batch_size), desc="Two-pass generation", unit="batch"):
-        batch = rows[start:start + config.eval_batch_size]
+    for start in tqdm(range(0, len(rows), batch_size), desc="Two-pass generation", unit="batch"):
+        batch = rows[start:start + batch_size]
         inputs = tokenizer([row["prompt"] for row in batch], return_tensors="pt", padding=True,
                            add_special_tokens=not chat).to(model.device)
-        out = model.generate(**inputs, max_new_tokens=config.max_answer_tokens, do_sample=False,
+        out = model.generate(**inputs, max_new_tokens=max_answer_tokens, do_sample=False,
                              eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
         for row, tokens in zip(batch, out[:, inputs["input_ids"].shape[1]:]):
             text = first_line(tokenizer.decode(tokens, skip_special_tokens=True))

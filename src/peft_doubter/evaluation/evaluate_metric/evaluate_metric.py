@@ -1,13 +1,13 @@
 """Selective-prediction metric for `evaluate`: ``evaluate.load("<path to this folder>")``.
 
 ``predictions`` are confidences in [0, 1] (higher = more likely correct), ``references`` the 0/1 correctness of
-the answers they score. The result is :func:`peft_doubter.metrics.summarize`.
+the answers they score. The result is :func:`peft_doubter.evaluation.metrics.summarize`.
 """
 
 import datasets
 import evaluate
 
-from peft_doubter.metrics import summarize
+from peft_doubter.evaluation.metrics import summarize
 
 _DESCRIPTION = """
 Honest selective-prediction evaluation of a confidence score against answer correctness: base accuracy, AUROC for
@@ -29,7 +29,7 @@ Returns:
     Flat dict: `n`, and for each of `accuracy`, `auroc`, `aurc`, `eaurc`, `prr`, `ece`, `brier`,
     `sel_acc@<percent>` the value plus `<name>_ci_low` and `<name>_ci_high`.
 Examples:
-    >>> metric = evaluate.load("src/peft_doubter/evaluate_metric")
+    >>> metric = evaluate.load("src/peft_doubter/evaluation/evaluate_metric")
     >>> out = metric.compute(predictions=[0.9, 0.8, 0.7, 0.6, 0.5], references=[1, 0, 1, 1, 0], n_resamples=100)
     >>> round(out["auroc"], 4)
     0.6667

@@ -1,7 +1,7 @@
 """The GGUF sidecar format of the Doubter: every key name, tensor name and expected shape, in one place.
 
 The llama.cpp loader reads the same strings from a C header generated from this module
-(`python -m peft_doubter.sidecar_format --header llama-doubter-keys.h`), so the writer and the reader cannot drift.
+(`python -m peft_doubter.deploy.sidecar_format --header llama-doubter-keys.h`), so the writer and the reader cannot drift.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..names import ENCODER_TYPES, POOLINGS
+
 # general keys, as in llama.cpp's LoRA adapters
 KEY_GENERAL_TYPE = "general.type"
 KEY_GENERAL_ARCHITECTURE = "general.architecture"
@@ -20,8 +22,6 @@ GENERAL_TYPE = "adapter"
 ADAPTER_TYPE = "doubter"
 KEY_PREFIX = "adapter.doubter."
 
-ENCODER_TYPES = ("selective", "transformer", "multi_token")
-POOLINGS = ("last", "mean", "last_mean")
 TRANSFORMER_BLOCKS = 2  # self-attention blocks of the `transformer` encoder
 
 # HF `model_type` -> llama.cpp architecture name (the only table of it); each llama.cpp graph builder of these

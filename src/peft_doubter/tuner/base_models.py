@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,6 @@ def embedded_gguf_path(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"The GGUF file of {name!r} is missing at {path}; reinstall `{model.package}`.")
     return path
-
-
-def cache_dir() -> Path:
-    """Where peft-doubter keeps converted models and builds (`PEFT_DOUBTER_CACHE`, default ~/.cache/peft-doubter)."""
-    return Path(os.environ.get("PEFT_DOUBTER_CACHE", Path.home() / ".cache" / "peft-doubter"))
 
 
 def converted_checkpoint(name: str) -> Path:

@@ -17,7 +17,7 @@ class DoubterSFTConfig(SFTConfig):
     Changed defaults of `SFTConfig` (grouped as in TRL):
     - schedule: `learning_rate=2e-4`, cosine with 5% warm-up, 6 epochs with early stopping on validation loss;
     - batches: 8 per device, gradient accumulation 4 (effective 32), rows of similar length together;
-    - data: rows are tokenized by `peft_doubter.targets` (prompt labels -100) and carry pass-1 features, so TRL's
+    - data: rows are tokenized by `peft_doubter.training.targets` (prompt labels -100) and carry pass-1 features, so TRL's
       dataset preparation is skipped and unused columns are kept for the collator;
     - evaluation and checkpoints every epoch, the best (lowest `eval_loss`) reloaded at the end; no reporting;
     - bf16 only where the hardware supports it (TRL's default would fail on CPU).
@@ -61,7 +61,7 @@ class DoubterSFTConfig(SFTConfig):
     )
     dataset_kwargs: Optional[dict[str, Any]] = field(
         default_factory=lambda: {"skip_prepare_dataset": True},
-        metadata={"help": "Rows come tokenized from `peft_doubter.targets`."},
+        metadata={"help": "Rows come tokenized from `peft_doubter.training.targets`."},
     )
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Prompt formats for unified QA rows (see :mod:`peft_doubter.data`).
+"""Prompt formats for unified QA rows (see :mod:`peft_doubter.data.benchmarks`).
 
 - ``completion`` style (base models): few-shot ``Q: ...\\nA:`` for open QA, exemplars separated by a blank
   line; greedy answers are cut at the first newline (:func:`first_line`).
@@ -96,6 +96,14 @@ def _gold(example: Example, mc_format: str) -> str:
         label = example["label"]
         return LETTERS[label] if mc_format == "letter" else example["choices"][label]
     return example["answers"][0]
+
+
+def gold_answer(row: dict[str, Any], mc_format: str) -> str:
+    """The correct answer as the model should say it: for open QA the model's own wording when it was judged right
+    (it matches a gold alias), otherwise the first gold answer; for multiple choice the option (or its letter)."""
+    if not row["choices"] and row["correct"]:
+        return row["pass1_answer"]
+    return _gold(row, mc_format)
 
 
 def _completion_block(question_text: str, mc: bool) -> str:

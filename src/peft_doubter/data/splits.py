@@ -1,6 +1,6 @@
 """Question-level splits: the same normalized question never lands in two splits.
 
-Questions are grouped by :func:`peft_doubter.scoring.normalize_answer` of their text (lowercase, no
+Questions are grouped by :func:`peft_doubter.data.scoring.normalize_answer` of their text (lowercase, no
 punctuation or articles, collapsed whitespace), so repeated questions (MMLU test holds 14,042 rows but
 13,869 distinct question texts) stay together.
 """

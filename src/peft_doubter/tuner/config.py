@@ -8,19 +8,15 @@ from typing import Any, Literal, Optional, Union
 
 from peft import PeftConfig
 
-from ._registry import DOUBTER_PEFT_TYPE
+from ..names import DEFAULT_REFUSAL, ENCODER_TYPES, LAYER_SPEC_WORDS, POOLINGS, READ_POSITIONS
+from .registry import DOUBTER_PEFT_TYPE
 
 LayerSpec = Union[list[int], Literal["all", "late"]]
-
-ENCODER_TYPES = ("selective", "multi_token", "transformer")
-POOLINGS = ("last", "mean", "last_mean")
-READ_POSITIONS = ("prompt", "answer")
-DEFAULT_REFUSAL = "I'm not confident enough to answer this question accurately."
 
 
 def _check_layer_spec(name: str, value: Any) -> None:
     if isinstance(value, str):
-        if value not in ("all", "late"):
+        if value not in LAYER_SPEC_WORDS:
             raise ValueError(f"`{name}` must be a list of layer indices, 'all' or 'late', got {value!r}.")
         return
     if not isinstance(value, (list, tuple)) or not value:

@@ -12,8 +12,7 @@ import string
 from collections.abc import Sequence
 from typing import Protocol
 
-DEFAULT_REFUSAL = "I'm not confident enough to answer this question accurately."
-CORRECTION_PREFIX = "Wait, the correct answer is"
+from ..names import CORRECTION_PREFIX, DEFAULT_REFUSAL
 
 _PUNCT = str.maketrans("", "", string.punctuation + "‘’“”")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import backbone
-from .model import position_ids_from_mask
+from ..names import CACHE_MANIFEST
+from ..tuner import backbone
+from ..tuner.capture import position_ids_from_mask
 from .prompts import LETTERS, PromptConfig, build_prompt, first_line, score_cloze_options
 from .scoring import ContainmentJudge, ExactMatchJudge, Judge, LocalModelJudge
-
-CACHE_MANIFEST = "manifest.json"
 JUDGES: dict[str, type] = {"exact_match": ExactMatchJudge, "containment": ContainmentJudge}
 MODEL_JUDGE_PREFIX = "model:"
 
@@ -43,7 +42,7 @@ def make_judge(spec: str) -> Judge:
     check_judge(spec)
     if spec in JUDGES:
         return JUDGES[spec]()
-    from .base_models import load_base_model
+    from ..tuner.base_models import load_base_model
 
     return LocalModelJudge(*load_base_model(spec[len(MODEL_JUDGE_PREFIX):].strip()))
 

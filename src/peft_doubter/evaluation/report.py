@@ -102,6 +102,8 @@ class EvaluationReport:
             lines += _text_table(self.text_behaviour)
         if self.risk_control:
             lines += _risk_control_table(self.risk_control)
+        if self.meta.get("paired_auroc_vs_baselines"):
+            lines += _paired_table(self.meta["paired_auroc_vs_baselines"])
         return "\n".join(lines)
 
 
@@ -184,6 +186,13 @@ def _risk_control_table(entries: Sequence[Mapping[str, Any]]) -> list[str]:
         "",
     ]
     return ["## Risk control: target vs realised risk", "", *_table(header, rows), *notes]
+
+
+def _paired_table(diffs: Mapping[str, Mapping[str, float]]) -> list[str]:
+    rows = [[name, f"{d['diff']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", _fmt(d["pvalue"])]
+            for name, d in diffs.items()]
+    return ["## Doubter minus baseline (AUROC, paired bootstrap over the same questions)", "",
+            *_table(["Baseline", "Difference", "95% CI", "p"], rows)]
 
 
 def plot_risk_coverage(

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._assets import asset_dir
+from ..paths import asset_dir
 
 BUILD_ENV = "PEFT_DOUBTER_BUILD_LLAMA_CPP"
 PATCH_DIR = asset_dir("llama_cpp_patch")
@@ -246,7 +246,7 @@ def run_tool(
     `doubter_sidecar.gguf` is downloaded with `huggingface_hub`). Raises `RuntimeError` with the tool's stderr on
     failure."""
     if sidecar is not None and not Path(sidecar).exists():
-        from .hub import download_sidecar
+        from .sidecar import download_sidecar
 
         sidecar = download_sidecar(str(sidecar))
     cmd = [str(tool_path(build_dir)), "-m", str(model), "-p", prompt, "-n", str(n_predict), "-t", str(threads),

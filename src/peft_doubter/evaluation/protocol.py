@@ -1,0 +1,120 @@
+"""The evaluation protocol: the Doubter and every baseline on exactly the same held-out questions, its text behaviour
+apart from its ranking, the paired differences, and a risk-controlled threshold calibrated on the validation split
+and checked on the test split."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..data.prompts import gold_answer
+from ..data.scoring import Judge
+from ..names import EVAL_DIR
+from .baselines import answer_probability_scores, baseline_confidences, random_confidence
+from .confidence import doubter_confidence, generate_actions, pass_one_features
+from .metrics import auroc, paired_bootstrap_diff
+from .report import EvaluationReport
+from .risk_control import calibrate, realized
+
+DOUBTER = "doubter"  # the report's name for the Doubter's own scores; every other method is a baseline
+EXAMPLES_KEPT = 40
+
+
+@dataclass
+class EvalConfig:
+    """How a run is evaluated."""
+
+    eval_split: str = field(
+        default="test", metadata={"help": "Cached split to evaluate (held out from training), or 'all'."}
+    )
+    questions_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "Another run directory (same base and read layers) whose cached questions are the test "
+                  "set: a zero-shot cross-domain test. Train and val still come from this run."},
+    )
+    output_name: str = field(default=EVAL_DIR, metadata={"help": "Folder of the run directory for the report."})
+    target_risk: Optional[float] = field(
+        default=None,
+        metadata={"help": "Risk control target (error rate among answered). Default: half the base error rate."},
+    )
+    delta: float = field(default=0.1, metadata={"help": "Risk control: allowed probability of missing the target."})
+    risk_sweep: bool = field(
+        default=True,
+        metadata={"help": "Also calibrate at every target risk 0.05, 0.10, ... below the validation error rate, to "
+                  "show target against realised risk over the whole range (the first entry stays the main one)."},
+    )
+    n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Questions per evaluation batch."})
+    generate_text: bool = field(default=True, metadata={"help": "Also generate text to report the text behaviour."})
+    max_answer_tokens: int = field(default=24, metadata={"help": "Longest generated answer in evaluation."})
+    max_questions: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N questions."})
+    bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the random baseline and the bootstrap."})
+
+
+def _hidden(rows: Sequence[dict]) -> np.ndarray:
+    return np.stack([np.asarray(row["features"]).reshape(-1) for row in rows])
+
+
+def evaluate_doubter(model, tokenizer, train: Sequence[dict], val: Sequence[dict], test: Sequence[dict],
+                     config: EvalConfig, *, mc_format: str, chat: bool, judge: Optional[Judge], title: str,
+                     meta: dict[str, Any]) -> EvaluationReport:
+    """Score the cached `test` questions with the Doubter and every baseline (probes fit on `train`), calibrate the
+    decline threshold on `val`, and return the report. `judge` judges generated answers (needed when
+    `config.generate_text`)."""
+    refusal = model.peft_config[model.active_adapter].refusal_text
+    correct = np.array([row["correct"] for row in test], dtype=bool)
+    confidence = doubter_confidence(model, tokenizer, test, refusal, mc_format, chat, config.eval_batch_size)
+    report = EvaluationReport(title=title)
+    report.meta = {**meta, "n": len(test), "train_questions": len(train), "eval_config": dataclasses.asdict(config)}
+    action_kwargs: dict[str, Any] = {}
+    if config.generate_text:
+        actions, right, changed, texts = generate_actions(model, tokenizer, test, config.eval_batch_size,
+                                                          config.max_answer_tokens, refusal, judge, chat, mc_format)
+        action_kwargs = {"action": actions, "correction_correct": right}
+        answered = [(c, r) for a, c, r in zip(actions, changed, right) if a == "answered"]
+        report.meta["answered_differently"] = sum(c for c, _ in answered)
+        report.meta["answered_differently_right"] = sum(c and r for c, r in answered)
+        report.meta["examples"] = [
+            {"question": row["question"], "gold": gold_answer(row, mc_format), "pass1": row["pass1_answer"],
+             "pass1_correct": bool(row["correct"]), "doubter": text, "action": action}
+            for row, text, action in list(zip(test, texts, actions))[:EXAMPLES_KEPT]
+        ]
+    report.add_method(DOUBTER, correct, confidence, n_resamples=config.n_resamples, seed=config.bootstrap_seed,
+                      **action_kwargs)
+    try:
+        baselines = baseline_confidences(pass_one_features(train), [r["correct"] for r in train],
+                                         pass_one_features(test), _hidden(train), _hidden(test),
+                                         seed=config.bootstrap_seed)
+    except ValueError as error:  # e.g. a train split with one class: no probe can be fit
+        report.meta["skipped_baselines"] = str(error)
+        baselines = {"random": random_confidence(len(test), seed=config.bootstrap_seed),
+                     **answer_probability_scores(pass_one_features(test))}
+    for name, scores in baselines.items():
+        report.add_method(name, correct, scores, n_resamples=config.n_resamples, seed=config.bootstrap_seed)
+
+    val_confidence = doubter_confidence(model, tokenizer, val, refusal, mc_format, chat, config.eval_batch_size)
+    val_correct = np.array([row["correct"] for row in val], dtype=bool)
+    target = config.target_risk if config.target_risk is not None else (1 - val_correct.mean()) / 2
+    result = calibrate(target, val_confidence, val_correct, delta=config.delta)
+    report.add_risk_control(DOUBTER, result, realized(result.threshold, confidence, correct))
+    if config.risk_sweep:
+        for sweep_target in np.arange(0.05, 1 - val_correct.mean(), 0.05).round(2):
+            if not np.isclose(sweep_target, target):
+                swept = calibrate(float(sweep_target), val_confidence, val_correct, delta=config.delta)
+                report.add_risk_control(DOUBTER, swept, realized(swept.threshold, confidence, correct))
+
+    # Per-question scores, so a report can be re-analysed (other thresholds, other metrics) without the model.
+    report.meta["scores"] = {"test": {name: [round(float(x), 6) for x in scores] for name, scores in
+                                      {DOUBTER: confidence, **baselines}.items()},
+                             "val_doubter": [round(float(x), 6) for x in val_confidence],
+                             "val_correct": val_correct.tolist()}
+    report.meta["paired_auroc_vs_baselines"] = {
+        name: paired_bootstrap_diff(auroc, correct, confidence, scores, n_resamples=config.n_resamples,
+                                    seed=config.bootstrap_seed)
+        for name, scores in baselines.items()
+    }
+    report.meta["calibrated"] = {"threshold": result.threshold, "target_risk": target}
+    return report

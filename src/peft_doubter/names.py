@@ -1,0 +1,30 @@
+"""Names shared across the package, each defined once: the files of a run directory, the refusal and correction
+sentences, and the option lists of the Doubter's settings. Imports nothing, so every module (and the C++ header
+generator) can use it."""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------------- a run directory
+RUN_MANIFEST = "run.json"  # what `collect` decided; later stages need only the run directory
+RUN_LOCK = ".lock"  # held by the process working on the run directory
+CACHE_DIR = "cache"  # the activation cache (resumable shards)
+CACHE_MANIFEST = "manifest.json"  # inside CACHE_DIR: what the cache was built from
+CHECKPOINTS_DIR = "checkpoints"  # trainer checkpoints (resumable)
+ADAPTER_DIR = "adapter"  # the trained adapter
+EVAL_DIR = "eval"  # the default evaluation folder
+REPORT_JSON = "report.json"
+REPORT_MARKDOWN = "report.md"
+RISK_COVERAGE_PLOT = "risk_coverage.png"
+SIDECAR_FILE = "doubter_sidecar.gguf"  # the GGUF sidecar for llama.cpp
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's names for a saved adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# --------------------------------------------------------------------------------------- what the Doubter says
+DEFAULT_REFUSAL = "I'm not confident enough to answer this question accurately."
+CORRECTION_PREFIX = "Wait, the correct answer is"
+
+# ----------------------------------------------------------------------------------------------- option lists
+ENCODER_TYPES = ("selective", "multi_token", "transformer")
+POOLINGS = ("last", "mean", "last_mean")
+READ_POSITIONS = ("prompt", "answer")
+LAYER_SPEC_WORDS = ("all", "late")

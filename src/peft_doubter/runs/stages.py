@@ -1,0 +1,212 @@
+"""The stages of a run directory: `collect` writes `run.json` (model, layers, dataset, splits); `train`, `eval`,
+`export` (and `ask`, `push`) read it, so later stages need only the run directory.
+
+    run_dir/run.json          the manifest
+    run_dir/cache/            the activation cache (resumable shards)
+    run_dir/checkpoints/      trainer checkpoints (resumable)
+    run_dir/adapter/          the trained adapter (safetensors)
+    run_dir/eval/             report.json, report.md, risk_coverage.png
+    run_dir/doubter_sidecar.gguf  the GGUF sidecar for llama.cpp
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+from peft import PeftModel, get_peft_model
+
+from ..data.collection import CollectConfig, cache_identity, check_cache_identity, collect, load_cache, make_judge
+from ..data.prompts import PromptConfig
+from ..deploy.sidecar import doubter_tensors, write_sidecar
+from ..evaluation.protocol import EvalConfig, evaluate_doubter
+from ..evaluation.report import EvaluationReport, plot_risk_coverage
+from ..names import (RUN_MANIFEST, ADAPTER_CONFIG, ADAPTER_DIR, CACHE_DIR, CHECKPOINTS_DIR, REPORT_JSON, REPORT_MARKDOWN,
+                     RISK_COVERAGE_PLOT, SIDECAR_FILE)
+from ..training.config import DoubterSFTConfig
+from ..training.targets import build_training_set
+from ..tuner import backbone
+from .manifest import DOUBTER_USER_FIELDS, build_doubter_config, load_base, load_questions, read_manifest, \
+    sample_and_split, write_manifest
+
+
+def collect_run(run_dir: Path, collect_config: CollectConfig, prompt_config: PromptConfig,
+                doubter_values: dict[str, Any]) -> datasets.Dataset:
+    """Stage 1: answer the sampled questions with the frozen base and cache pass-1 activations."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doubter_config = build_doubter_config(doubter_values)
+    manifest_path = run_dir / RUN_MANIFEST
+    if manifest_path.exists():
+        previous = read_manifest(run_dir)
+        if previous["collect"]["model"] != collect_config.model:
+            raise ValueError(
+                f"{run_dir} was made for base model {previous['collect']['model']!r}, not {collect_config.model!r}: "
+                "use another --run-dir."
+            )
+    questions, exemplars, split_manifest = sample_and_split(load_questions(collect_config), collect_config,
+                                                            prompt_config.k_shot)
+    base, tokenizer = load_base(collect_config)
+    model = get_peft_model(base, doubter_config).eval()
+    plan = model.base_model._plans["default"]
+    manifest = {
+        "version": 1,
+        "collect": dataclasses.asdict(collect_config),
+        "prompt": dataclasses.asdict(prompt_config),
+        "doubter": {name: getattr(doubter_config, name) for name in DOUBTER_USER_FIELDS},
+        "read_layers": plan.read,
+        "inject_layers": plan.inject,
+        "base_fingerprint": backbone.fingerprint(base),
+        "splits": split_manifest,
+        "exemplars": exemplars,
+        "cache": CACHE_DIR,
+    }
+    identity = cache_identity(base, plan.read, doubter_config.pooling, prompt_config, collect_config,
+                              split_manifest["exemplar_ids"], doubter_config.read_position)
+    check_cache_identity(run_dir / CACHE_DIR, identity)  # before the manifest is touched: a refusal changes nothing
+    write_manifest(run_dir, manifest)
+    cache = collect(model, tokenizer, questions, run_dir / CACHE_DIR, identity, prompt_config, exemplars,
+                    collect_config)
+    manifest["cache_summary"] = {
+        split: {"questions": int(sum(1 for s in cache["split"] if s == split)),
+                "base_accuracy": float(sum(c for s, c in zip(cache["split"], cache["correct"]) if s == split)
+                                       / max(1, sum(1 for s in cache["split"] if s == split)))}
+        for split in ("train", "val", "test")
+    }
+    manifest["cache_summary"]["prompts_truncated"] = int(sum(cache["prompt_truncated"]))
+    write_manifest(run_dir, manifest)
+    return cache
+
+
+def load_run_model(run_dir: Path, adapter: bool = True, doubter_values: Optional[dict[str, Any]] = None):
+    """(PeftModel, tokenizer, manifest) of a run: the base with the trained adapter, or a fresh Doubter built from
+    `doubter_values` (default: the manifest's settings)."""
+    manifest = read_manifest(run_dir)
+    collect_config = CollectConfig(**manifest["collect"])
+    base, tokenizer = load_base(collect_config)
+    problems = backbone.fingerprint_mismatch(manifest["base_fingerprint"], backbone.fingerprint(base))
+    if problems:
+        raise ValueError(f"{run_dir} was made for another base model: " + "; ".join(problems))
+    adapter_dir = Path(run_dir) / manifest.get("adapter", ADAPTER_DIR)
+    if adapter:
+        if not (adapter_dir / ADAPTER_CONFIG).exists():
+            raise FileNotFoundError(f"{run_dir} has no trained adapter: run `peft-doubter train --run-dir {run_dir}`.")
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    else:
+        model = get_peft_model(base, build_doubter_config(doubter_values or manifest["doubter"]))
+    return model.eval(), tokenizer, manifest
+
+
+def training_arguments(run_dir: Path, values: dict[str, Any]) -> DoubterSFTConfig:
+    """`DoubterSFTConfig` with the run's checkpoint folder."""
+    return DoubterSFTConfig(output_dir=str(Path(run_dir) / CHECKPOINTS_DIR), **values)
+
+
+def train_run(run_dir: Path, training_args: DoubterSFTConfig, doubter_overrides: Optional[dict[str, Any]] = None):
+    """Stage 2: train the Doubter on the cached train split (early stopping on val), resuming from the last
+    checkpoint when one exists, and save the adapter."""
+    from ..training.trainer import DoubterTrainer
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    read_side = {"target_layers", "pooling", "read_position"} & set(doubter_overrides or {})
+    changed = [k for k in read_side if doubter_overrides[k] != manifest["doubter"][k]]
+    if changed:
+        raise ValueError(f"{changed} were fixed at collection (the cache holds those layers); collect a new run.")
+    manifest["doubter"].update(doubter_overrides or {})
+    model, tokenizer, _ = load_run_model(run_dir, adapter=False, doubter_values=manifest["doubter"])
+    cache = load_cache(run_dir / manifest["cache"])
+    prompt = PromptConfig(**manifest["prompt"])
+    config = model.peft_config["default"]
+    rows = build_training_set(cache, tokenizer, config, prompt.mc_format, prompt.style == "chat",
+                              seed=manifest["collect"]["sample_seed"])
+    split = cache["split"]
+    train = rows.select([i for i, s in enumerate(split) if s == "train"])
+    val = rows.select([i for i, s in enumerate(split) if s == "val"])
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"The cache of {run_dir} has no train or no val questions.")
+    if not any(train["correct"]) or all(train["correct"]):
+        warnings.warn("Every training question has the same pass-1 correctness: the Doubter can only learn to "
+                      "always answer or always decline.")
+    training_args.output_dir = str(run_dir / CHECKPOINTS_DIR)
+    trainer = DoubterTrainer(model, training_args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
+    checkpoints = sorted((run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    if not trainer.is_world_process_zero():  # under `accelerate launch` only the main process writes
+        return trainer
+    model.save_pretrained(run_dir / ADAPTER_DIR)
+    manifest["adapter"] = ADAPTER_DIR
+    manifest["train"] = {
+        "args": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+        "resumed_from": str(checkpoints[-1]) if checkpoints else None,
+        "metrics": result.metrics,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "log_history": trainer.state.log_history,
+        "train_questions": len(train),
+        "val_questions": len(val),
+    }
+    write_manifest(run_dir, manifest)
+    return trainer
+
+
+def _eval_questions(run_dir: Path, manifest: dict[str, Any], config: EvalConfig
+                    ) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    """(train, val, test rows, manifest of the test questions). Train and val come from the run itself; the test
+    questions from its cache or, for a zero-shot cross-domain test, from another run's cache (same base and
+    read layers) given as `questions_from`."""
+    cache = load_cache(run_dir / manifest["cache"])
+    split = cache["split"]
+    train = [cache[i] for i, s in enumerate(split) if s == "train"]
+    val = [cache[i] for i, s in enumerate(split) if s == "val"]
+    source, source_manifest = cache, manifest
+    if config.questions_from:
+        source_manifest = read_manifest(Path(config.questions_from))
+        for key in ("read_layers", "base_fingerprint"):
+            if source_manifest[key] != manifest[key]:
+                raise ValueError(f"{config.questions_from} was collected with a different {key} than {run_dir}.")
+        for key, default in (("pooling", None), ("read_position", "prompt")):  # read_position: older manifests lack it
+            if source_manifest["doubter"].get(key, default) != manifest["doubter"].get(key, default):
+                raise ValueError(f"{config.questions_from} was collected with a different {key} than {run_dir}.")
+        source = load_cache(Path(config.questions_from) / source_manifest["cache"])
+    wanted = [i for i, s in enumerate(source["split"]) if config.eval_split in ("all", s)]
+    test = [source[i] for i in wanted[: config.max_questions]]
+    if not test:
+        raise ValueError(f"No cached questions in split {config.eval_split!r}.")
+    return train, val, test, source_manifest
+
+
+def eval_run(run_dir: Path, config: EvalConfig, model=None, tokenizer=None) -> EvaluationReport:
+    """Stage 3: the Doubter and every baseline on the same held-out questions; writes
+    `<output_name>/report.{json,md}` and the risk–coverage plot, and records the calibrated threshold in run.json."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if model is None:
+        model, tokenizer, manifest = load_run_model(run_dir)
+    train, val, test, test_manifest = _eval_questions(run_dir, manifest, config)
+    prompt = PromptConfig(**test_manifest["prompt"])
+    title = (f"Doubter evaluation: {manifest['collect']['model']} trained on {manifest['collect']['dataset']}, "
+             f"tested on {test_manifest['collect']['dataset']} ({config.eval_split})")
+    judge = make_judge(test_manifest["collect"]["judge"]) if config.generate_text else None
+    report = evaluate_doubter(model, tokenizer, train, val, test, config, mc_format=prompt.mc_format,
+                              chat=prompt.style == "chat", judge=judge, title=title,
+                              meta={"run_dir": str(run_dir), "questions_from": config.questions_from,
+                                    "split": config.eval_split})
+    out = run_dir / config.output_name
+    out.mkdir(exist_ok=True)
+    report.to_json(out / REPORT_JSON)
+    (out / REPORT_MARKDOWN).write_text(report.to_markdown())
+    plot_risk_coverage(report, out / RISK_COVERAGE_PLOT)
+    manifest.setdefault("evaluations", {})[config.output_name] = {
+        "report": f"{config.output_name}/{REPORT_JSON}", **report.meta["calibrated"]}
+    write_manifest(run_dir, manifest)
+    return report
+
+
+def export_run(run_dir: Path) -> Path:
+    """`peft-doubter export`: the run's trained adapter as the GGUF sidecar `run_dir/doubter_sidecar.gguf`."""
+    model, _, _ = load_run_model(Path(run_dir))
+    tensors, metadata = doubter_tensors(model)
+    return write_sidecar(Path(run_dir) / SIDECAR_FILE, tensors, metadata)
