@@ -21,6 +21,7 @@ from peft import get_peft_model
 from peft_doubter import DoubterConfig
 from peft_doubter.tuner.base_models import load_base_model
 
+
 PROMPT = (
     "Q: Which planet is known as the Red Planet?\nA: Mars\n\n"
     "Q: Who wrote the play Romeo and Juliet?\nA: William Shakespeare\n\n"

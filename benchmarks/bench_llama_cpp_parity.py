@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from peft_doubter.tuner.base_models import embedded_gguf_path
 from peft_doubter.data.collection import load_cache, stop_token_ids
+from peft_doubter.data.prompts import first_line
+from peft_doubter.data.scoring import is_refusal
 from peft_doubter.deploy.llama_cpp import ensure_llama_cpp_build, run_tool
 from peft_doubter.evaluation.metrics import wilson_interval
-from peft_doubter.data.prompts import first_line
 from peft_doubter.runs.stages import export_run, load_run_model
-from peft_doubter.data.scoring import is_refusal
+from peft_doubter.tuner.base_models import embedded_gguf_path
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ import torch
 from peft import get_peft_model
 
 from peft_doubter import DoubterConfig
-from peft_doubter.tuner.base_models import load_base_model
 from peft_doubter.data.benchmarks import load_benchmark
 from peft_doubter.data.prompts import PromptConfig, build_prompt
-from peft_doubter.tuner.capture import prompt_end_from_labels
 from peft_doubter.data.sequences import tokenize_example
 from peft_doubter.training.trainer import DoubterCollator, target_loss
+from peft_doubter.tuner.base_models import load_base_model
+from peft_doubter.tuner.capture import prompt_end_from_labels
 
 
 def peak_rss_mb() -> float:

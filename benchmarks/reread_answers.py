@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from peft_doubter.data.collection import load_cache
+from peft_doubter.data.sequences import tokenize_example
 from peft_doubter.names import CACHE_MANIFEST
 from peft_doubter.runs.manifest import read_manifest, write_manifest
 from peft_doubter.runs.stages import load_run_model
-from peft_doubter.data.sequences import tokenize_example
 
 
 def _answer_ids(tokenizer, prompt: str, answer: str, chat: bool) -> list[int]:

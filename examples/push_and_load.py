@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from peft_doubter.tuner.base_models import load_base_model
 from peft_doubter.hub import download_sidecar, load_doubter, push_run
+from peft_doubter.tuner.base_models import load_base_model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from peft import get_peft_model
 from peft_doubter import DoubterConfig
 from peft_doubter.tuner.base_models import load_base_model
 
+
 torch.manual_seed(0)
 base, tokenizer = load_base_model("gemma-3-270m")
 model = get_peft_model(base, DoubterConfig(target_layers="late"))  # read and inject the upper third (12..17)

@@ -24,8 +24,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
 
 PATCH_DIR = Path(__file__).resolve().parent
 PATCH = PATCH_DIR / "doubter.patch"
@@ -109,7 +110,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _run(cmd: list[str], log, cwd: Path | None = None) -> None:
     log("+ " + " ".join(cmd))
-    result = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"command failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-6000:]}")
 

@@ -23,8 +23,8 @@ import hashlib
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -32,6 +32,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 from huggingface_hub import ModelCardData
 from huggingface_hub.utils.sha import git_hash
+from typing_extensions import Self
+
 
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".png", ".pt")
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
@@ -71,10 +73,10 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> HubServer:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- storage ---------------------------------------------------------------------------------------------------
@@ -197,12 +199,12 @@ def _lfs_pointer(sha256: str, size: int) -> bytes:
 
 
 def _front_matter(text: str) -> dict:
-    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, flags=re.S)
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, flags=re.DOTALL)
     if not match:
         return {}
     data = yaml.safe_load(match.group(1)) or {}
     if not isinstance(data, dict):
-        raise ValueError("The README.md metadata must be a YAML mapping")
+        raise TypeError("The README.md metadata must be a YAML mapping")
     return data
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny_models
 import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -13,15 +14,14 @@ from transformers.generation.streamers import BaseStreamer
 import peft_doubter
 from peft_doubter import DoubterConfig, DoubterLayer
 
-import tiny_models
 
-SMALL = dict(encoder_bottleneck_dim=32, ca_bottleneck_dim=32)
+SMALL = {"encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
 CONFIGS = {
-    "selective-last": dict(target_layers=[1, 2, 3], cross_attn_layers=[2, 3]),
-    "multi_token-mean": dict(target_layers="late", encoder_type="multi_token", num_cognitive_tokens=3, pooling="mean"),
-    "transformer-last_mean": dict(target_layers=[0, 2], cross_attn_layers=[1, 3], encoder_type="transformer",
-                                  pooling="last_mean"),
-    "dynamic-gates-all": dict(target_layers="all", dynamic_gates=True),
+    "selective-last": {"target_layers": [1, 2, 3], "cross_attn_layers": [2, 3]},
+    "multi_token-mean": {"target_layers": "late", "encoder_type": "multi_token", "num_cognitive_tokens": 3, "pooling": "mean"},
+    "transformer-last_mean": {"target_layers": [0, 2], "cross_attn_layers": [1, 3], "encoder_type": "transformer",
+                                  "pooling": "last_mean"},
+    "dynamic-gates-all": {"target_layers": "all", "dynamic_gates": True},
 }
 TEST_CASES = [(family, "selective-last") for family in tiny_models.FAMILIES] + [
     ("llama", name) for name in CONFIGS if name != "selective-last"
@@ -248,8 +248,8 @@ def test_answer_read_position_drafts_then_reads_prompt_plus_draft(family):
                                   keep_prefix=False).stacked()
         torch.testing.assert_close(features[index], alone[0], rtol=0, atol=1e-4)
     # Generation = pass 2 from the prompt with those features; it differs from reading the prompt.
-    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, eos_token_id=stop, pad_token_id=0,
-                  output_logits=True, return_dict_in_generate=True)
+    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "eos_token_id": stop, "pad_token_id": 0,
+                  "output_logits": True, "return_dict_in_generate": True}
     generated = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     with torch.no_grad():
         first = model(input_ids=ids, attention_mask=mask, pass1_features=features).logits[:, -1]
@@ -290,7 +290,7 @@ def test_agc_and_dynamic_refresh_are_opt_in_and_change_decoding():
     model = make("llama", "selective-last")
     perturb(model)
     ids = prompts(1, 8)
-    kwargs = dict(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    kwargs = {"input_ids": ids, "max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     plain = model.generate(**kwargs).scores
     model.peft_config["default"].agc_tau = 1.0
     damped = model.generate(**kwargs, agc=True).scores
@@ -339,10 +339,10 @@ def test_wrong_base_is_refused_unless_overridden(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(target_layers=[7]), r"`target_layers` contains layer index 7.*4 decoder layers"),
-        (dict(target_layers=[1], cross_attn_layers=[-5]), r"`cross_attn_layers` contains layer index -5"),
-        (dict(target_layers=[1, -3]), r"`target_layers` names the same layer twice"),
-        (dict(encoder_type="selective", num_cognitive_tokens=5, target_layers=[1, 2]),
+        ({"target_layers": [7]}, r"`target_layers` contains layer index 7.*4 decoder layers"),
+        ({"target_layers": [1], "cross_attn_layers": [-5]}, r"`cross_attn_layers` contains layer index -5"),
+        ({"target_layers": [1, -3]}, r"`target_layers` names the same layer twice"),
+        ({"encoder_type": "selective", "num_cognitive_tokens": 5, "target_layers": [1, 2]},
          r"`num_cognitive_tokens` \(5\) must equal the number of read layers \(2\)"),
     ],
 )
@@ -354,22 +354,22 @@ def test_bad_layers_give_clear_errors(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(target_layers="early"), "`target_layers` must be a list of layer indices, 'all' or 'late'"),
-        (dict(target_layers=[]), "`target_layers` must be a non-empty list"),
-        (dict(target_layers=[1, 1]), "`target_layers` contains duplicate"),
-        (dict(cross_attn_layers=[1.5]), "`cross_attn_layers` must contain only integers"),
-        (dict(encoder_type="mlp"), "`encoder_type` must be one of"),
-        (dict(pooling="max"), "`pooling` must be one of"),
-        (dict(ca_bottleneck_dim=30, ca_num_heads=4), r"`ca_bottleneck_dim` \(30\) must be divisible by `ca_num_heads`"),
-        (dict(ca_num_heads=0), "`ca_num_heads` must be a positive integer"),
-        (dict(agc_floor=1.5), "`agc_floor` must lie in"),
-        (dict(agc_tau=0), "`agc_tau` must be > 0"),
-        (dict(refresh_threshold=2), "`refresh_threshold` is a cosine similarity"),
-        (dict(correction_ratio=-0.1), "`correction_ratio` must lie in"),
-        (dict(task_type="SEQ_CLS"), "`task_type` must be 'CAUSAL_LM'"),
-        (dict(refusal_text="  "), "`refusal_text` must not be empty"),
-        (dict(read_position="draft"), "`read_position` must be one of"),
-        (dict(max_draft_tokens=0), "`max_draft_tokens` must be a positive integer"),
+        ({"target_layers": "early"}, "`target_layers` must be a list of layer indices, 'all' or 'late'"),
+        ({"target_layers": []}, "`target_layers` must be a non-empty list"),
+        ({"target_layers": [1, 1]}, "`target_layers` contains duplicate"),
+        ({"cross_attn_layers": [1.5]}, "`cross_attn_layers` must contain only integers"),
+        ({"encoder_type": "mlp"}, "`encoder_type` must be one of"),
+        ({"pooling": "max"}, "`pooling` must be one of"),
+        ({"ca_bottleneck_dim": 30, "ca_num_heads": 4}, r"`ca_bottleneck_dim` \(30\) must be divisible by `ca_num_heads`"),
+        ({"ca_num_heads": 0}, "`ca_num_heads` must be a positive integer"),
+        ({"agc_floor": 1.5}, "`agc_floor` must lie in"),
+        ({"agc_tau": 0}, "`agc_tau` must be > 0"),
+        ({"refresh_threshold": 2}, "`refresh_threshold` is a cosine similarity"),
+        ({"correction_ratio": -0.1}, "`correction_ratio` must lie in"),
+        ({"task_type": "SEQ_CLS"}, "`task_type` must be 'CAUSAL_LM'"),
+        ({"refusal_text": "  "}, "`refusal_text` must not be empty"),
+        ({"read_position": "draft"}, "`read_position` must be one of"),
+        ({"max_draft_tokens": 0}, "`max_draft_tokens` must be a positive integer"),
     ],
 )
 def test_bad_config_values_name_the_field(kwargs, message):

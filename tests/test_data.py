@@ -16,6 +16,7 @@ from peft_doubter.data.benchmarks import (
     load_user_dataset,
 )
 
+
 MC_BENCHMARKS = ["mmlu", "arc_easy", "arc_challenge", "sciq", "commonsense_qa", "openbookqa"]
 EXPECTED_ROWS = {
     "triviaqa": 7993,

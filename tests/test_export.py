@@ -3,6 +3,7 @@ oracle, see test_llama_cpp.py) on the exported weights, and a write/read round t
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from peft import get_peft_model
 
@@ -10,13 +11,12 @@ from peft_doubter import DoubterConfig
 from peft_doubter.deploy import numpy_reference
 from peft_doubter.deploy.sidecar import doubter_tensors, read_sidecar, write_sidecar
 
-import tiny_models
 
 CASES = {
-    "selective-last": dict(),
-    "transformer-last_mean": dict(encoder_type="transformer", pooling="last_mean"),
-    "multi_token-mean-dynamic": dict(encoder_type="multi_token", num_cognitive_tokens=5, pooling="mean",
-                                     dynamic_gates=True, agc_enabled=True, agc_tau=4.0),
+    "selective-last": {},
+    "transformer-last_mean": {"encoder_type": "transformer", "pooling": "last_mean"},
+    "multi_token-mean-dynamic": {"encoder_type": "multi_token", "num_cognitive_tokens": 5, "pooling": "mean",
+                                     "dynamic_gates": True, "agc_enabled": True, "agc_tau": 4.0},
 }
 
 

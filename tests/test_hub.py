@@ -22,17 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
+import tiny_run
 import torch
+from hub_server import HubServer
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import tiny_models
-import tiny_run
-from hub_server import HubServer
 from peft_doubter import DoubterConfig
 from peft_doubter.deploy.sidecar import doubter_tensors, read_sidecar, write_sidecar
-from peft_doubter.hub.card import TAGS
-from peft_doubter.names import SIDECAR_FILE as SIDECAR_NAME
+from peft_doubter.evaluation.report import EvaluationReport, plot_risk_coverage
 from peft_doubter.hub import (
     base_model_info,
     check_doubter_repo,
@@ -42,7 +41,9 @@ from peft_doubter.hub import (
     push_run,
     run_card,
 )
-from peft_doubter.evaluation.report import EvaluationReport, plot_risk_coverage
+from peft_doubter.hub.card import TAGS
+from peft_doubter.names import SIDECAR_FILE as SIDECAR_NAME
+
 
 TESTS = Path(__file__).resolve().parent
 EXAMPLE = TESTS.parent / "examples" / "push_and_load.py"
@@ -53,7 +54,7 @@ RUN_REPO = "test/doubter-run"
 MODEL_REPO = "test/doubter-model"
 WRONG_TOKEN_REPO = "test/wrong-token"
 FAILING_REPO = "test/server-error"  # its commit endpoint answers 500
-CONFIG = dict(target_layers=[2, 3], encoder_bottleneck_dim=32, ca_bottleneck_dim=32)
+CONFIG = {"target_layers": [2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
 N_TEST = 60
 RUN_FILES = {
     ".gitattributes", "README.md", "adapter_model.safetensors", "adapter_config.json", SIDECAR_NAME, "run.json",
@@ -129,7 +130,7 @@ def write_run(run_dir: Path) -> Path:
     write_sidecar(run_dir / SIDECAR_NAME, *doubter_tensors(model))
     manifest = {  # the layout `peft_doubter.run` writes (selected keys)
         "version": 1,
-        "collect": {"model": BASE_REPO, "dataset": "mmlu", "limit": 300, "sample_seed": 0, "val_fraction": 0.15,
+        "collect": {"model": BASE_REPO, "dataset": "mmlu", "limit": 300, "sample_seed": 7, "val_fraction": 0.15,
                     "test_fraction": 0.2, "judge": "exact_match"},
         "prompt": {"style": "completion", "k_shot": 0, "mc_format": "letter"},
         "read_layers": [2, 3], "inject_layers": [2, 3],
@@ -298,6 +299,7 @@ def test_run_card_shows_every_method_with_intervals_and_valid_metadata(run_dir):
     assert metrics["aurc"] == round(doubter["aurc"], 4) and "e-aurc" in metrics and "brier" in metrics
     assert {r.dataset_name for r in data.eval_results} == {"mmlu"}
     text = card.text
+    assert "`sample_seed` = 7" in text, "the card's collect settings name the question sample's seed"
     for name, row in report.methods.items():  # the Doubter row and every baseline row, with intervals
         assert f"| {name} | {ci(row, 'auroc')} |" in text
         assert ci(row, "sel_acc@50") in text

@@ -16,6 +16,7 @@ from peft_doubter.deploy import llama_cpp
 from peft_doubter.deploy import numpy_reference as ref
 from peft_doubter.deploy.sidecar import read_sidecar, write_sidecar
 
+
 pytestmark = pytest.mark.llama_cpp
 
 TOLERANCE = 1e-4
@@ -33,20 +34,20 @@ def rms_scale(meta: dict, hidden: np.ndarray) -> np.ndarray:
 
 
 CONFIGS = [  # every encoder type, both gate kinds, every pooling
-    dict(encoder_type="selective", pooling="last", dynamic_gates=False),
-    dict(encoder_type="selective", pooling="last_mean", dynamic_gates=True),
-    dict(encoder_type="transformer", pooling="mean", dynamic_gates=False),
-    dict(encoder_type="transformer", pooling="last_mean", dynamic_gates=True),
-    dict(encoder_type="multi_token", pooling="last", dynamic_gates=True, num_cognitive_tokens=5),
-    dict(encoder_type="multi_token", pooling="mean", dynamic_gates=False, num_cognitive_tokens=3),
+    {"encoder_type": "selective", "pooling": "last", "dynamic_gates": False},
+    {"encoder_type": "selective", "pooling": "last_mean", "dynamic_gates": True},
+    {"encoder_type": "transformer", "pooling": "mean", "dynamic_gates": False},
+    {"encoder_type": "transformer", "pooling": "last_mean", "dynamic_gates": True},
+    {"encoder_type": "multi_token", "pooling": "last", "dynamic_gates": True, "num_cognitive_tokens": 5},
+    {"encoder_type": "multi_token", "pooling": "mean", "dynamic_gates": False, "num_cognitive_tokens": 3},
 ]
 
 
 # base models with a llama.cpp graph builder that calls build_cvec: Gemma 3 and Llama
 BASES = {
-    "gemma3": dict(base_architecture="gemma3_text", n_embd=640, n_layer=18, read_layers=[6, 12, 17],
-                   inject_layers=[9, 14, 17]),
-    "llama": dict(base_architecture="llama", n_embd=576, n_layer=30, read_layers=[10, 20, 29], inject_layers=[15, 29]),
+    "gemma3": {"base_architecture": "gemma3_text", "n_embd": 640, "n_layer": 18, "read_layers": [6, 12, 17],
+                   "inject_layers": [9, 14, 17]},
+    "llama": {"base_architecture": "llama", "n_embd": 576, "n_layer": 30, "read_layers": [10, 20, 29], "inject_layers": [15, 29]},
 }
 
 
@@ -122,9 +123,9 @@ def test_port_matches_numpy_reference(tmp_path, gemma, config, rms):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(base_architecture="llama"), "architecture 'llama' does not match the model's 'gemma3'"),
-        (dict(n_embd=512), "n_embd 512 does not match the model's 640"),
-        (dict(n_layer=30, inject_layers=[25]), "n_layer 30 does not match"),
+        ({"base_architecture": "llama"}, "architecture 'llama' does not match the model's 'gemma3'"),
+        ({"n_embd": 512}, "n_embd 512 does not match the model's 640"),
+        ({"n_layer": 30, "inject_layers": [25]}, "n_layer 30 does not match"),
     ],
 )
 def test_loader_refuses_other_base_models(tmp_path, gemma, overrides, message):
@@ -194,7 +195,7 @@ def test_tool_generates_with_and_without_the_doubter(tmp_path, build_dir, base):
                         refresh_interval=2, pooling="mean", **BASES[base])
     prompt = "Question: What is the capital of France?\nAnswer:"
     model = base_path(base)
-    run = dict(n_predict=8, ignore_eos=True, threads=1, build_dir=build_dir)
+    run = {"n_predict": 8, "ignore_eos": True, "threads": 1, "build_dir": build_dir}
     doubter = llama_cpp.run_tool(model, prompt, sidecar=path, **run)
     plain = llama_cpp.run_tool(model, prompt, **run)
     for result, mode in ((doubter, "doubter"), (plain, "plain")):

@@ -7,6 +7,7 @@ import pytest
 
 from peft_doubter.evaluation import metrics as M
 
+
 # The running example. Sorted by confidence (already descending): correct 1 0 1 1 0.
 #   top-k errors, k = 1..5:  0 1 1 1 2   -> risks 0, 1/2, 1/3, 1/4, 2/5
 #   AURC   = (0 + 1/2 + 1/3 + 1/4 + 2/5) / 5 = (89/60) / 5 = 89/300

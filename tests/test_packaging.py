@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, peft_doubter, peft_doubter.hub.card as hub, peft_doubter.deploy.llama_cpp as llama_cpp

@@ -8,6 +8,7 @@ import warnings
 from operator import attrgetter
 
 import pytest
+import tiny_models
 import torch
 from peft import (
     PeftConfig,
@@ -22,12 +23,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peft_doubter import DoubterConfig
 
-import tiny_models
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2")
 # init_weights=False: the adapter changes the output from the start (PEFT's convention for these tests).
-KWARGS = dict(target_layers=[1, 2, 3], cross_attn_layers=[2, 3], encoder_bottleneck_dim=32, ca_bottleneck_dim=32,
-              init_weights=False)
+KWARGS = {"target_layers": [1, 2, 3], "cross_attn_layers": [2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32,
+              "init_weights": False}
 families = pytest.mark.parametrize("family", FAMILIES)
 
 
@@ -123,9 +123,10 @@ def test_low_cpu_mem_usage_loading(family, tmp_path):
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     loaded.set_adapter("other")
     torch.testing.assert_close(logits(loaded), logits(model))
-    injected = base(family)
-    inject_adapter_in_model(DoubterConfig(**KWARGS), injected, low_cpu_mem_usage=True)
-    assert "meta" in {p.device.type for p in injected.parameters()}
+    empty = get_peft_model(base(family), DoubterConfig(**KWARGS), low_cpu_mem_usage=True)
+    assert {p.device.type for n, p in empty.named_parameters() if "doubter_" in n} == {"meta"}
+    with pytest.raises(ValueError, match="shared state.*get_peft_model"):  # PEFT's rule for tuners with shared state
+        inject_adapter_in_model(DoubterConfig(**KWARGS), base(family), low_cpu_mem_usage=True)
 
 
 @families
@@ -247,3 +248,13 @@ def test_init_weights_true_leaves_the_base_unchanged():
     expected = logits(plain)
     model = get_peft_model(plain, DoubterConfig(**{**KWARGS, "init_weights": True}))
     torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_generate_from_inputs_embeds_matches_input_ids(family):
+    model = get_peft_model(base(family), DoubterConfig(**KWARGS)).eval()
+    ids = inputs()["input_ids"]
+    from_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=4,
+                                 do_sample=False, pad_token_id=0)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])

@@ -17,7 +17,8 @@ from peft_doubter.data.prompts import (
     score_cloze_options,
 )
 
-WORDS = "Q: A: Question: Answer: A. B. C. capital of France? Germany? Italy? Paris Berlin Rome red blue sky".split()
+
+WORDS = ["Q:", "A:", "Question:", "Answer:", "A.", "B.", "C.", "capital", "of", "France?", "Germany?", "Italy?", "Paris", "Berlin", "Rome", "red", "blue", "sky"]
 QWEN_LIKE_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_doubter import DoubterConfig
 
-import tiny_models
 
 pytest.importorskip("bitsandbytes")
 

@@ -7,6 +7,7 @@ from peft import PeftModel, get_peft_model
 from peft_doubter import DoubterConfig
 from peft_doubter.tuner.base_models import load_base_model
 
+
 pytestmark = pytest.mark.slow
 
 

@@ -8,6 +8,7 @@ import pytest
 from peft_doubter.evaluation.report import EvaluationReport, plot_risk_coverage
 from peft_doubter.evaluation.risk_control import calibrate, realized
 
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -15,19 +15,20 @@ from peft_doubter.deploy import numpy_reference as ref
 from peft_doubter.deploy import sidecar_format as fmt
 from peft_doubter.deploy.sidecar import read_sidecar, write_sidecar
 
+
 PATCH = Path(__file__).resolve().parents[1] / "llama_cpp_patch" / "doubter.patch"
 # metadata the C++ loader has no use for: it checks `general.architecture` instead of the HF model type
 UNREAD_BY_CPP = {"base_architecture", "base_fingerprint"}
 
 
 def make_metadata(**overrides) -> dict:
-    meta = dict(
-        base_architecture="gemma3_text", n_embd=16, n_layer=6, read_layers=[2, 4, 5], inject_layers=[3, 5],
-        encoder_type="selective", pooling="last", encoder_bottleneck_dim=8, ca_bottleneck_dim=8, ca_num_heads=2,
-        ca_scale_by_rms=True, dynamic_gates=False, layer_norm_eps=1e-5, agc_enabled=True, agc_floor=0.3, agc_tau=16.0,
-        dynamic_refresh=False, refresh_threshold=0.85, refresh_interval=8,
-        refusal_text="I'm not confident enough to answer this question accurately.",
-    )
+    meta = {
+        "base_architecture": "gemma3_text", "n_embd": 16, "n_layer": 6, "read_layers": [2, 4, 5], "inject_layers": [3, 5],
+        "encoder_type": "selective", "pooling": "last", "encoder_bottleneck_dim": 8, "ca_bottleneck_dim": 8, "ca_num_heads": 2,
+        "ca_scale_by_rms": True, "dynamic_gates": False, "layer_norm_eps": 1e-5, "agc_enabled": True, "agc_floor": 0.3, "agc_tau": 16.0,
+        "dynamic_refresh": False, "refresh_threshold": 0.85, "refresh_interval": 8,
+        "refusal_text": "I'm not confident enough to answer this question accurately.",
+    }
     meta.update(overrides)
     return meta
 
@@ -53,7 +54,7 @@ def write_random(path: Path, seed: int = 0, **overrides) -> tuple[dict, dict]:
 
 
 def header_defines() -> dict[str, str]:
-    return dict(re.findall(r'^#define (LLAMA_DOUBTER_\w+) "?(.*?)"?$', fmt.c_header(), flags=re.M))
+    return dict(re.findall(r'^#define (LLAMA_DOUBTER_\w+) "?(.*?)"?$', fmt.c_header(), flags=re.MULTILINE))
 
 
 def test_header_defines_every_name_of_the_format():
@@ -210,7 +211,7 @@ def test_read_rejects_foreign_gguf(tmp_path):
 
 
 def test_read_rejects_tensor_set_not_matching_metadata(tmp_path):
-    weights, meta = write_random(tmp_path / "d.gguf")
+    weights, _meta = write_random(tmp_path / "d.gguf")
     writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), arch="gemma3")
     reader = gguf.GGUFReader(tmp_path / "d.gguf")
     for field in reader.fields.values():

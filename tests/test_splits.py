@@ -1,6 +1,8 @@
 """Question-level splits, overlap detection and exemplar/evaluation disjointness."""
 
+import functools
 import json
+import operator
 
 import datasets
 import pytest
@@ -25,7 +27,7 @@ def test_split_counts_manifest_and_determinism():
     assert manifest_again["ids_sha256"] == manifest["ids_sha256"]
     _, other = split_by_question(ds, seed=4)
     assert other["ids_sha256"]["test"] != manifest["ids_sha256"]["test"]
-    all_ids = sum((manifest["ids"][s] for s in splits), [])
+    all_ids = functools.reduce(operator.iadd, (manifest["ids"][s] for s in splits), [])
     assert sorted(all_ids) == sorted(ds["id"])
 
 

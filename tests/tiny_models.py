@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3Config,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
@@ -17,22 +18,22 @@ from transformers import (
     Qwen3Config,
     SiglipVisionConfig,
 )
-from transformers import Gemma3ForConditionalGeneration
+
 
 VOCAB = 128
 LAYERS = 4
-_COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_COMMON = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def _causal_lm(config) -> torch.nn.Module:

@@ -6,10 +6,10 @@ import json
 import random
 from pathlib import Path
 
+import tiny_models
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import tiny_models
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Q:", "A:", "\n"] + [f"w{i}" for i in range(tiny_models.VOCAB - 7)]
 

@@ -24,6 +24,7 @@ from peft_doubter.data.prompts import PromptConfig
 from peft_doubter.evaluation.protocol import EvalConfig
 from peft_doubter.runs.stages import collect_run, eval_run, train_run, training_arguments
 
+
 STAGES = ("collect", "train", "eval")
 
 

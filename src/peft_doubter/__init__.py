@@ -7,7 +7,25 @@ Sub-packages, imports flowing one way: `tuner` (the core) -> `data`, `deploy` ->
 -> `agent` -> `runs` -> `serving` -> `cli`.
 """
 
-from .tuner import (
+import logging
+
+
+def _import_peft_quietly() -> None:
+    """PEFT imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 its CPU back-end then logs a
+    warning about an optional kernel download, at import time, before anything is quantized. The user did nothing
+    to cause it, so that logger is quiet for the import (a later quantized model logs as usual)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import peft  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
+_import_peft_quietly()
+
+from .tuner import (  # noqa: E402
     DOUBTER_PEFT_TYPE,
     BottleneckCrossAttention,
     CognitiveEncoder,
@@ -16,6 +34,7 @@ from .tuner import (
     DoubterModel,
     register,
 )
+
 
 register()
 

@@ -4,6 +4,7 @@ generator) can use it."""
 
 from __future__ import annotations
 
+
 # ------------------------------------------------------------------------------------------- a run directory
 RUN_MANIFEST = "run.json"  # what `collect` decided; later stages need only the run directory
 RUN_LOCK = ".lock"  # held by the process working on the run directory

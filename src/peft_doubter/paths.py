@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+
 _PACKAGE = Path(__file__).resolve().parent
 
 

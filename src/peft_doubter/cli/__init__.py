@@ -2,4 +2,5 @@
 
 from .main import main
 
+
 __all__ = ["main"]

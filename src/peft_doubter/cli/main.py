@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from .options import add_dataclass_options, given
 
@@ -144,6 +146,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # PEFT asks every model `is_gradient_checkpointing`, which transformers 5.x deprecates: not the user's doing.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(command)

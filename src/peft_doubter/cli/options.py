@@ -13,10 +13,12 @@ import argparse
 import dataclasses
 import enum
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from ..names import LAYER_SPEC_WORDS
+
 
 _TRUE = {"true", "1", "yes", "y"}
 _FALSE = {"false", "0", "no", "n"}
@@ -113,7 +115,7 @@ def apply_recipe(parser: argparse.ArgumentParser, path: Path) -> None:
 
     recipe = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"Recipe {path} must be a mapping of option names to values.")
+        raise TypeError(f"Recipe {path} must be a mapping of option names to values.")
     by_name = {action.dest.split(".", 1)[1]: action for action in parser._actions if "." in action.dest}
     unknown = sorted(set(recipe) - set(by_name))
     if unknown:

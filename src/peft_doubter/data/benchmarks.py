@@ -33,6 +33,7 @@ from typing import Any
 
 import datasets
 
+
 UNIFIED_FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),

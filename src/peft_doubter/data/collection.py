@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import datasets
 import numpy as np
@@ -26,6 +27,8 @@ from ..tuner import backbone
 from ..tuner.capture import position_ids_from_mask
 from .prompts import LETTERS, PromptConfig, build_prompt, first_line, score_cloze_options
 from .scoring import ContainmentJudge, ExactMatchJudge, Judge, LocalModelJudge
+
+
 JUDGES: dict[str, type] = {"exact_match": ExactMatchJudge, "containment": ContainmentJudge}
 MODEL_JUDGE_PREFIX = "model:"
 

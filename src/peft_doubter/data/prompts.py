@@ -23,6 +23,7 @@ import torch
 
 from .scoring import normalize_answer
 
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CHAT_OPEN_INSTRUCTION = "Answer the question with a short answer only, no explanation."
 CHAT_LETTER_INSTRUCTION = "Answer with the letter of the correct option only."

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from ..names import CORRECTION_PREFIX, DEFAULT_REFUSAL
 
+
 _PUNCT = str.maketrans("", "", string.punctuation + "‘’“”")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -36,7 +37,7 @@ def contains_answer(prediction: str, answers: Sequence[str]) -> bool:
     return any(norm and f" {norm} " in pred for norm in map(normalize_answer, answers))
 
 
-_ANSWER_CUE = re.compile(r"answer\s*(?:is)?\s*[:\-]?\s*", re.I)
+_ANSWER_CUE = re.compile(r"answer\s*(?:is)?\s*[:\-]?\s*", re.IGNORECASE)
 _LEADING_LETTER = (
     re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]"),  # (B) [b]
     re.compile(r"([A-Z])(?:[).:,\]]|\s|$)"),  # B  B)  B.  B is right
@@ -88,7 +89,7 @@ def is_correction(text: str, prefix: str = CORRECTION_PREFIX) -> bool:
 def extract_correction(text: str, prefix: str = CORRECTION_PREFIX) -> str | None:
     """The answer a correction gives (up to the first newline, without a final period), else ``None``."""
     words = [re.escape(w) for w in re.findall(r"[\w']+", prefix)]
-    match = re.match(r"\s*" + r"[\s,;:]+".join(words) + r"[\s:]+(.+)", text, re.I | re.S)
+    match = re.match(r"\s*" + r"[\s,;:]+".join(words) + r"[\s:]+(.+)", text, re.IGNORECASE | re.DOTALL)
     if match is None:
         return None
     answer = match.group(1).split("\n", 1)[0].strip().rstrip(".").strip()

@@ -17,6 +17,7 @@ import numpy as np
 
 from .scoring import normalize_answer
 
+
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 

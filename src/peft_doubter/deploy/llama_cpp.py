@@ -13,13 +13,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
+from typing_extensions import Self
 
 from ..paths import asset_dir
+
 
 BUILD_ENV = "PEFT_DOUBTER_BUILD_LLAMA_CPP"
 PATCH_DIR = asset_dir("llama_cpp_patch")
@@ -139,7 +142,7 @@ class LlamaCpp:
         message, self.errors = "; ".join(self.errors), []
         return message
 
-    def load_model(self, path: str | os.PathLike) -> "Model":
+    def load_model(self, path: str | os.PathLike) -> Model:
         """Load a base model GGUF (CPU)."""
         params = self.lib.llama_model_default_params()
         params.n_gpu_layers = 0
@@ -156,7 +159,7 @@ class Model:
         self.llama, self.handle = llama, handle
         self.n_embd = llama.lib.llama_model_n_embd(handle)
 
-    def load_sidecar(self, path: str | os.PathLike) -> "Sidecar":
+    def load_sidecar(self, path: str | os.PathLike) -> Sidecar:
         """Load a Doubter sidecar for this model; `ValueError` with llama.cpp's message when it is refused."""
         self.llama.errors = []
         handle = self.llama.lib.llama_doubter_adapter_init(self.handle, str(path).encode())
@@ -169,10 +172,10 @@ class Model:
             self.llama.lib.llama_model_free(self.handle)
             self.handle = None
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -221,10 +224,10 @@ class Sidecar:
             self._lib.llama_doubter_adapter_free(self.handle)
             self.handle = None
 
-    def __enter__(self) -> "Sidecar":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -257,7 +260,7 @@ def run_tool(
     if dump_dir is not None:
         cmd += ["--dump-dir", str(dump_dir)]
     cmd += list(extra_args)
-    result = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    result = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
     stderr = result.stderr.decode(errors="replace")
     if result.returncode != 0:
         raise RuntimeError(f"llama-doubter exited with {result.returncode}: {stderr.strip()[-4000:]}")

@@ -7,11 +7,13 @@ Written from the math, not from the PyTorch modules. Weights are the sidecar's c
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .sidecar_format import TRANSFORMER_BLOCKS, expected_shapes
+
 
 Weights = Mapping[str, np.ndarray]
 

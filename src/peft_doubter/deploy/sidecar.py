@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         meta[field] = float(metadata[field])
     for field in ("dynamic_gates", "agc_enabled", "dynamic_refresh", "ca_scale_by_rms"):
         if not isinstance(metadata[field], (bool, np.bool_)):
-            raise ValueError(f"`{field}` must be a bool, got {metadata[field]!r}.")
+            raise ValueError(f"`{field}` must be a bool, got {metadata[field]!r}.")  # noqa: TRY004 (a bad value in a file)
         meta[field] = bool(metadata[field])
     for field in ("base_architecture", "encoder_type", "pooling", "refusal_text"):
         if not isinstance(metadata[field], str) or not metadata[field]:

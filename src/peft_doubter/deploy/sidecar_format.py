@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..names import ENCODER_TYPES, POOLINGS
+
 
 # general keys, as in llama.cpp's LoRA adapters
 KEY_GENERAL_TYPE = "general.type"

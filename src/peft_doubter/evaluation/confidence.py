@@ -8,7 +8,7 @@ separately: declined, answered (same or different answer than pass 1) or correct
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
+
 ACTIONS = ("answered", "declined", "corrected")
 
 

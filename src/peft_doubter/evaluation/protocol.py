@@ -5,8 +5,9 @@ and checked on the test split."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .confidence import doubter_confidence, generate_actions, pass_one_features
 from .metrics import auroc, paired_bootstrap_diff
 from .report import EvaluationReport
 from .risk_control import calibrate, realized
+
 
 DOUBTER = "doubter"  # the report's name for the Doubter's own scores; every other method is a baseline
 EXAMPLES_KEPT = 40

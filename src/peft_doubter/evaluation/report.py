@@ -92,8 +92,8 @@ class EvaluationReport:
         if self.correct:
             n, k = len(self.correct), sum(self.correct)
             lines += [
-                f"{n} held-out questions, base pass-1 accuracy {_fmt(k / n)}. Brackets: 95% percentile-bootstrap "
-                "intervals over questions (Wilson intervals for the text-behaviour proportions).",
+                (f"{n} held-out questions, base pass-1 accuracy {_fmt(k / n)}. Brackets: 95% percentile-bootstrap "
+                 "intervals over questions (Wilson intervals for the text-behaviour proportions)."),
                 "",
             ]
         if self.methods:
@@ -154,10 +154,10 @@ def _text_table(behaviour: Mapping[str, Mapping[str, float | None]]) -> list[str
         for name, b in behaviour.items()
     ]
     notes = [
-        "Declined and answered-differently (corrected) are counted apart. Coverage: fraction not declined. "
-        "Refusal precision: declines where the base answer was wrong / declines; random level: 1 - base accuracy. "
-        "Over-refusal: declines where the base answer was right / declines. Right answers declined: / right "
-        "answers. Total recovery: (successful corrections + declines of wrong answers) / wrong answers.",
+        ("Declined and answered-differently (corrected) are counted apart. Coverage: fraction not declined. "
+         "Refusal precision: declines where the base answer was wrong / declines; random level: 1 - base accuracy. "
+         "Over-refusal: declines where the base answer was right / declines. Right answers declined: / right "
+         "answers. Total recovery: (successful corrections + declines of wrong answers) / wrong answers."),
         "",
     ]
     return ["## Text behaviour", "", *_table(header, rows), *notes]
@@ -181,8 +181,8 @@ def _risk_control_table(entries: Sequence[Mapping[str, Any]]) -> list[str]:
             threshold, _fmt(e["calibration_coverage"]), _fmt(e["test"]["coverage"]), _fmt(realised), within,
         ])
     notes = [
-        "Selective risk: wrong / answered (LTT: holds with probability >= 1 - δ over calibration draws). "
-        "Joint risk: wrong answers / all questions (CRC: holds in expectation).",
+        ("Selective risk: wrong / answered (LTT: holds with probability >= 1 - δ over calibration draws). "
+         "Joint risk: wrong answers / all questions (CRC: holds in expectation)."),
         "",
     ]
     return ["## Risk control: target vs realised risk", "", *_table(header, rows), *notes]

@@ -35,6 +35,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import binom
 
+
 METHODS = ("ltt", "crc")
 
 

@@ -4,6 +4,7 @@ from ..deploy.sidecar import download_sidecar
 from .card import BaseModelInfo, base_model_info, doubter_card
 from .repo import check_doubter_repo, load_doubter, push_run, push_to_hub, run_card
 
+
 __all__ = [
     "BaseModelInfo",
     "base_model_info",

@@ -16,11 +16,20 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..evaluation.protocol import DOUBTER
 from ..evaluation.report import EvaluationReport
-from ..names import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EVAL_DIR, REPORT_JSON, REPORT_MARKDOWN, RISK_COVERAGE_PLOT,
-                     RUN_MANIFEST, SIDECAR_FILE)
+from ..names import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EVAL_DIR,
+    REPORT_JSON,
+    REPORT_MARKDOWN,
+    RISK_COVERAGE_PLOT,
+    RUN_MANIFEST,
+    SIDECAR_FILE,
+)
 from ..paths import asset_dir, cache_dir
 from ..tuner.base_models import EMBEDDED_MODELS
 from ..tuner.config import DoubterConfig, resolve_layers
+
 
 TEMPLATE_PATH = asset_dir("hub_cards") / "doubter_card.md.j2"
 TAGS = ("peft", "doubter", "selective-prediction", "calibration")
@@ -138,7 +147,7 @@ def _run_vars(manifest: Mapping[str, Any]) -> dict:
 
 def _demote_headings(markdown: str) -> str:
     """One level down, so the report's sections sit under the card's `## Evaluation`."""
-    return re.sub(r"^#", "##", markdown, flags=re.M)
+    return re.sub(r"^#", "##", markdown, flags=re.MULTILINE)
 
 
 def _over_refusal_text(behaviour: Optional[Mapping[str, Optional[float]]]) -> str:

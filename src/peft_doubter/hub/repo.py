@@ -187,7 +187,7 @@ def push_to_hub(
     """
     config = model.peft_config[adapter_name]
     if not isinstance(config, DoubterConfig):
-        raise ValueError(f"Adapter {adapter_name!r} is a {config.peft_type} adapter, not a Doubter.")
+        raise TypeError(f"Adapter {adapter_name!r} is a {config.peft_type} adapter, not a Doubter.")
     base_name = base_model or config.base_model_name_or_path
     if not base_name:
         raise ValueError("The model's config names no base model: pass `base_model=` its Hub id.")

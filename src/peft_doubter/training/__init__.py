@@ -3,7 +3,12 @@ two-pass loss (`DoubterTrainer`, `DoubterSFTConfig`; imported on first use, sinc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from .config import DoubterSFTConfig
+    from .trainer import DoubterTrainer
 
 __all__ = ["DoubterSFTConfig", "DoubterTrainer"]
 

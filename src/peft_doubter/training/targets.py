@@ -12,6 +12,7 @@ from ..data.sequences import tokenize_example
 from ..names import CORRECTION_PREFIX
 from ..tuner.config import DoubterConfig
 
+
 Action = Literal["confirm", "refuse", "correct"]
 
 

@@ -10,8 +10,9 @@ token preferences learn `gate_lr_multiplier` times faster.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel
@@ -23,6 +24,7 @@ from trl import SFTTrainer
 from ..data.sequences import align_prompts, target_columns
 from ..tuner.model import DoubterModel
 from .config import DoubterSFTConfig
+
 
 FAST_PARAMETERS = ("gate", "gates", "token_preference")
 

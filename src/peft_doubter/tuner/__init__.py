@@ -6,6 +6,7 @@ from .layer import BottleneckCrossAttention, CognitiveEncoder, DoubterLayer
 from .model import DoubterModel
 from .registry import DOUBTER_PEFT_TYPE, register
 
+
 __all__ = [
     "DOUBTER_PEFT_TYPE",
     "BottleneckCrossAttention",

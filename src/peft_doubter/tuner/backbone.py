@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+
 _LAYER_LIST_NAMES = ("layers", "h", "blocks")
 _FINGERPRINT_ROWS = 16
 _FINGERPRINT_COLS = 8

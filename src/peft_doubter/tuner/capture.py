@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
 
 class StopForward(Exception):
     """Raised by a layer hook to end a forward pass early (pass 1 needs no upper layers and no LM head)."""

@@ -11,6 +11,7 @@ from peft import PeftConfig
 from ..names import DEFAULT_REFUSAL, ENCODER_TYPES, LAYER_SPEC_WORDS, POOLINGS, READ_POSITIONS
 from .registry import DOUBTER_PEFT_TYPE
 
+
 LayerSpec = Union[list[int], Literal["all", "late"]]
 
 
@@ -155,6 +156,13 @@ class DoubterConfig(PeftConfig):
     )
     refresh_interval: int = field(
         default=8, metadata={"help": "Check for drift every this many generated tokens (>= 1)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the cross-attention's up-projection starts at zero, so an untrained Doubter leaves the base "
+            "unchanged. False: a random (non-identity) start, PEFT's convention for tests and research."
+        },
     )
     layer_norm_eps: float = field(default=1e-5, metadata={"help": "Epsilon of the wrapper's LayerNorms."})
     base_fingerprint: Optional[dict] = field(

@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,20 +67,34 @@ class TwoPassGenerationMixin:
         on drift when `dynamic_refresh`), reusing pass 1's KV cache below the first inject layer. Batches must be
         left-padded. `agc` and `dynamic_refresh` default to the adapter config. With `read_position='answer'`,
         pass 1 first drafts the base's own greedy answer (stopping at `eos_token_id`) and reads prompt + draft;
-        pass 2 then recomputes the whole prompt."""
+        pass 2 then recomputes the whole prompt. With `inputs_embeds`, pass 1 reads the embeddings and pass 2
+        recomputes the whole prompt too."""
         if self._active is None:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("Doubter generation takes `input_ids` (no `inputs_embeds` or `past_key_values`).")
-        if attention_mask is None and input_ids is not None:
-            attention_mask = torch.ones_like(input_ids)
-        self._check_prompt(input_ids, attention_mask)
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("Doubter generation builds its own KV cache from pass 1: pass no `past_key_values`.")
+        embeds = kwargs.get("inputs_embeds")
+        prompt = embeds if embeds is not None else input_ids
+        if attention_mask is None and prompt is not None:
+            attention_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+        self._check_prompt(prompt, attention_mask)
         if not attention_mask[:, -1].bool().all():
             raise ValueError("Doubter generation needs left padding: set `tokenizer.padding_side = 'left'`.")
         config: DoubterConfig = self.peft_config[self._active]
         plan = self._plans[self._active]
         agc = config.agc_enabled if agc is None else agc
         refresh = config.dynamic_refresh if dynamic_refresh is None else dynamic_refresh
+        if embeds is not None:
+            if config.read_position == "answer":
+                raise ValueError("With read_position='answer', pass 1 drafts an answer from `input_ids`; "
+                                 "`inputs_embeds` are not supported.")
+            last = torch.full((prompt.shape[0],), prompt.shape[1] - 1, device=prompt.device)
+            capture = self.run_pass1(None, attention_mask, last, keep_prefix=False, inputs_embeds=embeds,
+                                     position_ids=position_ids_from_mask(attention_mask))
+            with torch.no_grad():
+                tokens = self.encode(capture.stacked())
+            with self._injecting(tokens), self._decode_controls(config, agc, refresh, capture):
+                return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if config.read_position == "answer":
             draft_kwargs = {k: kwargs[k] for k in ("eos_token_id", "pad_token_id") if k in kwargs}
             drafts = self.draft_answers(input_ids, attention_mask, config.max_draft_tokens, **draft_kwargs)
@@ -199,6 +214,8 @@ class TwoPassGenerationMixin:
                 self._state.gain = config.agc_floor + (1 - config.agc_floor) * math.exp(-step / config.agc_tau)
             if refresh:
                 ids = kwargs.get("input_ids")
+                if ids is None or ids.shape[1] == 0:  # the prefill of a generation from `inputs_embeds`
+                    ids = kwargs["inputs_embeds"]
                 live.positions = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
                 live.features = {}
                 self._capture = live

@@ -132,7 +132,8 @@ class BottleneckCrossAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, b, bias=False)
         self.v_proj = nn.Linear(hidden_size, b, bias=False)
         self.up_proj = nn.Linear(b, hidden_size, bias=False)
-        nn.init.zeros_(self.up_proj.weight)  # an untrained Doubter leaves the base unchanged (LoRA's B = 0)
+        if config.init_weights:
+            nn.init.zeros_(self.up_proj.weight)  # an untrained Doubter leaves the base unchanged (LoRA's B = 0)
         self.token_preference = nn.Parameter(torch.zeros(num_tokens))
         self.gate = nn.Parameter(torch.tensor([float(config.ca_gate_init)]))
 
@@ -196,11 +197,21 @@ class DoubterLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT places an adapter by its base layer's `weight`, which a decoder block lacks: use the block's first
+        floating-point parameter instead (its device and dtype). Meta-device adapters (low_cpu_mem_usage) stay."""
+        weight = next((p for p in self.base_layer.parameters() if p.is_floating_point()), None)
+        attention = self.doubter_ca[adapter_name]
+        if weight is None or any(p.is_meta for p in attention.parameters()):
+            return
+        self.doubter_ca[adapter_name] = attention.to(device or weight.device, weight.dtype)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
-        adapter = self.active_adapters[0]
-        if self.disable_adapters or self._state.tokens is None or adapter not in self.doubter_ca:
+        adapters = self.active_adapters
+        if self.disable_adapters or self._state.tokens is None or not adapters or adapters[0] not in self.doubter_ca:
             return output
+        adapter = adapters[0]
         hidden = output[0] if isinstance(output, tuple) else output
         attention = self.doubter_ca[adapter]
         state = self._state

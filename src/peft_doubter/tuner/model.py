@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from . import backbone
-from .capture import (Capture, LayerPlan, StopForward, forward_replaced, hidden_of, last_token_positions,
-                      position_ids_from_mask, prompt_end_from_labels)
+from .capture import (
+    Capture,
+    LayerPlan,
+    StopForward,
+    forward_replaced,
+    hidden_of,
+    last_token_positions,
+    position_ids_from_mask,
+    prompt_end_from_labels,
+)
 from .config import DoubterConfig, resolve_layers
 from .generation import TwoPassGenerationMixin
 from .layer import CognitiveEncoder, DoubterLayer, InjectionState
 from .registry import DOUBTER_PREFIX
+
 
 _ADAPTER_CONTAINERS = ("doubter_encoder", "doubter_ca")
 
@@ -69,10 +79,11 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
         layers_path, _ = backbone.find_decoder_layers(model)
         config.target_modules = [f"{layers_path}.{i}" for i in plan.inject]
         self._plans[adapter_name] = plan
-        device = model.get_input_embeddings().weight.device
-        self.doubter_encoder[adapter_name] = CognitiveEncoder(config, backbone.hidden_size(model), len(plan.read)).to(
-            device
-        )
+        encoder = CognitiveEncoder(config, backbone.hidden_size(model), len(plan.read))
+        if not any(p.is_meta for p in encoder.parameters()):  # on the meta device with low_cpu_mem_usage=True
+            embeddings = model.get_input_embeddings().weight
+            encoder = encoder.to(embeddings.device, embeddings.dtype if embeddings.is_floating_point() else None)
+        self.doubter_encoder[adapter_name] = encoder
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
@@ -80,6 +91,15 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
             del self._plans[adapter_name]
             raise
         self._register_layer_hooks()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT upcasts fp16/bf16 adapter weights of the wrapped layers to fp32 (unless `autocast_adapter_dtype` is
+        False); the encoder lives on the tuner, so it is cast here the same way."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype and adapter_name in self.doubter_encoder:
+            for param in self.doubter_encoder[adapter_name].parameters():
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
 
     def _check_fingerprint(self, model: nn.Module, config: DoubterConfig) -> None:
         actual = backbone.fingerprint(model)
@@ -187,6 +207,8 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
         super().delete_adapter(adapter_name)
         del self.doubter_encoder[adapter_name]
         del self._plans[adapter_name]
+        if self.active_adapters:
+            self._sync_encoder_trainability(self.peft_config[self.active_adapters[0]].inference_mode)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -200,7 +222,7 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
     @property
     def _active(self) -> Optional[str]:
         """The adapter that runs, or None when adapters are disabled."""
-        if not self._adapters_enabled:
+        if not self._adapters_enabled or not self.active_adapters:
             return None
         name = self.active_adapters[0]
         return name if name in self.doubter_encoder else None
@@ -237,21 +259,22 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
                 stack.enter_context(forward_replaced(layer, lambda *args, **kwargs: output))
             yield
 
-    def _check_prompt(self, input_ids: Optional[torch.Tensor], attention_mask: torch.Tensor) -> None:
-        if input_ids is None:
-            raise ValueError("The Doubter needs `input_ids` (pass 1 reads the prompt tokens).")
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0 or not attention_mask.bool().any(-1).all():
+    def _check_prompt(self, prompt: Optional[torch.Tensor], attention_mask: torch.Tensor) -> None:
+        """`prompt`: the `input_ids` (B, S) or the `inputs_embeds` (B, S, H) pass 1 reads."""
+        if prompt is None:
+            raise ValueError("The Doubter needs `input_ids` or `inputs_embeds` (pass 1 reads the prompt).")
+        if prompt.ndim not in (2, 3) or prompt.shape[1] == 0 or not attention_mask.bool().any(-1).all():
             raise ValueError("Empty prompt: every row needs at least one non-padding token.")
         limit = getattr(backbone.text_config(self.model), "max_position_embeddings", None)
-        if limit is not None and input_ids.shape[1] > limit:
+        if limit is not None and prompt.shape[1] > limit:
             raise ValueError(
-                f"Input of {input_ids.shape[1]} tokens is longer than the base model's context ({limit} tokens); "
+                f"Input of {prompt.shape[1]} tokens is longer than the base model's context ({limit} tokens); "
                 "truncate the prompt from the left."
             )
 
     def run_pass1(
         self,
-        input_ids: torch.Tensor,
+        input_ids: Optional[torch.Tensor],
         attention_mask: torch.Tensor,
         read_positions: torch.Tensor,
         *,
@@ -260,13 +283,14 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
         **model_kwargs: Any,
     ) -> Capture:
         """Pass 1: adapters off, no gradients, backbone up to the deepest needed layer only. Returns the pooled
-        read-layer features (and the output below the first inject layer, for reuse by pass 2)."""
+        read-layer features (and the output below the first inject layer, for reuse by pass 2). `input_ids` may be
+        None when `inputs_embeds` is among `model_kwargs`."""
         plan = self._plans[self._active or self.active_adapters[0]]
         config = self.peft_config[self.active_adapters[0]]
         keep = plan.first_inject - 1 if keep_prefix and plan.first_inject > 0 else None
         prompt_mask = None
         if config.pooling != "last":
-            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+            columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
             prompt_mask = attention_mask.bool() & (columns[None, :] <= read_positions[:, None])
         capture = Capture(
             read_layers=plan.read,
@@ -341,7 +365,8 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
         """Cognitive tokens (B, T, H) from pooled read-layer features (B, R, D_in)."""
         name = self._active or self.active_adapters[0]
         encoder = self.doubter_encoder[name]
-        return encoder(features.to(next(encoder.parameters()).device, torch.float32))
+        weight = next(encoder.parameters())
+        return encoder(features.to(weight.device, weight.dtype))
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -361,8 +386,9 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if self._active is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        if attention_mask is None and input_ids is not None:
-            attention_mask = torch.ones_like(input_ids)
+        prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if attention_mask is None and prompt is not None:
+            attention_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
         if "position_ids" not in kwargs and attention_mask is not None:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         prefix_output = None
@@ -370,13 +396,13 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
             raise ValueError("With read_position='answer', pass 1 reads the base's own answer: pass "
                              "`pass1_features` (e.g. from `read_answers` or an activation cache) or use `generate`.")
         if pass1_features is None:
-            self._check_prompt(input_ids, attention_mask)
+            self._check_prompt(prompt, attention_mask)
             if read_positions is None:
                 read_positions = (
                     prompt_end_from_labels(labels) if labels is not None else last_token_positions(attention_mask)
                 )
             keep = reuse_prefix and not kwargs.get("output_hidden_states")
-            pass1_kwargs = {k: v for k, v in kwargs.items() if k in ("position_ids", "token_type_ids")}
+            pass1_kwargs = {k: v for k, v in kwargs.items() if k in ("position_ids", "token_type_ids", "inputs_embeds")}
             capture = self.run_pass1(input_ids, attention_mask, read_positions, keep_prefix=keep, **pass1_kwargs)
             pass1_features, prefix_output = capture.stacked(), capture.kept_output
         tokens = self.encode(pass1_features)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from peft.utils.peft_types import PeftType
 
+
 DOUBTER_NAME = "doubter"
 DOUBTER_PREFIX = "doubter_"
 

@@ -2,4 +2,5 @@
 
 import os
 
+
 METRIC_PATH = os.path.dirname(os.path.abspath(__file__))

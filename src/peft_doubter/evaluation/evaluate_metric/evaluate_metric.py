@@ -9,6 +9,7 @@ import evaluate
 
 from peft_doubter.evaluation.metrics import summarize
 
+
 _DESCRIPTION = """
 Honest selective-prediction evaluation of a confidence score against answer correctness: base accuracy, AUROC for
 correctness (ties 1/2), AURC and E-AURC (AURC minus the oracle's), PRR on the risk-coverage curve, selective
