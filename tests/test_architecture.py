@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "peft_doubter"
 # A sub-package (or top-level module) may import only from lower levels or from itself.
 LEVELS = {
-    "names": 0, "paths": 0,
+    "names": 0, "paths": 0.5,
     "tuner": 1,
     "data": 2, "deploy": 2,
     "training": 3, "evaluation": 3,
@@ -26,7 +26,7 @@ LEVELS = {
 }
 HEAVY = ("torch", "transformers", "peft", "datasets", "trl", "accelerate", "bitsandbytes")
 # Modules usable without torch (the root `__init__` registers the tuner with PEFT; it is not part of the check).
-LIGHT = ("names", "paths", "evaluation.metrics", "evaluation.risk_control", "evaluation.report",
+LIGHT = ("names", "paths", "evaluation.metrics", "evaluation.statistics", "evaluation.risk_control", "evaluation.report",
          "deploy.sidecar_format", "deploy.numpy_reference", "data.scoring", "cli.options", "cli.main")
 MAX_LINES = 450
 

@@ -11,6 +11,7 @@ from peft_doubter.evaluation.baselines import (
     PassOneFeatures,
     answer_feature_matrix,
     answer_probability_scores,
+    answer_token_summary,
     baseline_confidences,
     random_confidence,
 )
@@ -34,9 +35,12 @@ MULTIPLE_CHOICE = PassOneFeatures(option_logprobs=[0.0, -1.0, -2.0])
 
 def test_open_qa_scores_hand_values():
     scores = answer_probability_scores([OPEN_QA])
-    assert set(scores) == {"p_first_token", "p_min_token", "logit_margin", "neg_entropy"}
+    assert set(scores) == {"p_first_token", "p_min_token", "p_sequence", "p_mean_token", "logit_margin",
+                           "neg_entropy"}
     assert scores["p_first_token"][0] == pytest.approx(0.5)
     assert scores["p_min_token"][0] == pytest.approx(0.2)
+    assert scores["p_sequence"][0] == pytest.approx(0.5 * 0.2 * 0.9)
+    assert scores["p_mean_token"][0] == pytest.approx((0.5 * 0.2 * 0.9) ** (1 / 3))
     assert scores["logit_margin"][0] == pytest.approx(1 - 0.25 / 0.5)  # 1 - p2 / p1
     assert scores["neg_entropy"][0] == pytest.approx(math.exp(-1.0))
 
@@ -53,8 +57,9 @@ def test_scores_only_where_every_question_has_the_feature():
     assert set(answer_probability_scores([OPEN_QA, MULTIPLE_CHOICE])) == set()
     with pytest.raises(ValueError, match="missing"):
         answer_feature_matrix([MULTIPLE_CHOICE], ["logit_margin"])
-    x = answer_feature_matrix([OPEN_QA])  # sorted signal names: first, margin, min, neg entropy
-    np.testing.assert_allclose(x, [[math.log(0.5), math.log(2.0), math.log(0.2), -1.0]])
+    x = answer_feature_matrix([OPEN_QA])  # sorted signal names: first, margin, mean, min, neg entropy, sequence
+    total = math.log(0.5 * 0.2 * 0.9)
+    np.testing.assert_allclose(x, [[math.log(0.5), math.log(2.0), total / 3, math.log(0.2), -1.0, total]])
 
 
 def test_random_confidence_is_seeded():
@@ -113,13 +118,37 @@ def test_baseline_confidences_share_questions_and_rank_sensibly():
     test_feats, test_correct, hidden_test = _split(1, 400)
     out = baseline_confidences(train_feats, train_correct, test_feats, hidden_train, hidden_test, seed=0)
     assert set(out) == {
-        "random", "p_first_token", "p_min_token", "logit_margin", "neg_entropy", "probe", "probe+answer_prob",
+        "random", "p_first_token", "p_min_token", "p_sequence", "p_mean_token", "logit_margin", "neg_entropy",
+        "probe", "probe+answer_prob",
     }
     for name, conf in out.items():
         assert conf.shape == (400,) and conf.min() >= 0 and conf.max() <= 1, name
     score = {name: auroc(test_correct, conf) for name, conf in out.items()}
     assert abs(score["random"] - 0.5) < 0.1
     assert score["probe+answer_prob"] > max(score["probe"], score["p_first_token"]) + 0.02
+
+
+def test_stacked_baselines_use_the_extra_features():
+    train_feats, train_correct, hidden_train = _split(0, 400)
+    test_feats, test_correct, hidden_test = _split(1, 400)
+    rng = np.random.default_rng(3)
+    # an extra feature the probe's inputs lack, which carries part of the signal
+    extra_train = (train_correct + rng.normal(0, 0.7, 400))[:, None]
+    extra_test = (test_correct + rng.normal(0, 0.7, 400))[:, None]
+    out = baseline_confidences(train_feats, train_correct, test_feats, hidden_train, hidden_test, seed=0,
+                               extra_train=extra_train, extra_test=extra_test)
+    score = {name: auroc(test_correct, conf) for name, conf in out.items()}
+    assert score["stacked_lr"] > score["probe+answer_prob"] + 0.02
+    assert score["stacked_gbm"] > score["probe"]
+
+
+def test_answer_token_summary_shapes():
+    states = [np.ones((3, 2, 4)), np.zeros((0, 2, 4))]
+    signals = [np.arange(18, dtype=float).reshape(3, 6), np.zeros((0, 6))]
+    summary = answer_token_summary(states, signals)
+    assert summary.shape == (2, 2 * 4 + 3 * 6 + 1)
+    np.testing.assert_allclose(summary[0, -1], 3) and np.testing.assert_allclose(summary[1], 0)
+    np.testing.assert_allclose(summary[0, 8:14], signals[0].min(0))
 
 
 def test_baseline_confidences_length_checks():

@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import peft_doubter
 from peft_doubter import DoubterConfig, DoubterLayer
+from peft_doubter.tuner.capture import rms_normalized
 
 
 SMALL = {"encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
@@ -239,14 +240,28 @@ def test_answer_read_position_drafts_then_reads_prompt_plus_draft(family):
     for row, out in zip(rows, plain):
         tokens = out[0, row.shape[1]:].tolist()
         expected_drafts.append(tokens[: tokens.index(stop)] if stop in tokens else tokens)
-    assert doubter.draft_answers(ids, mask, 5, eos_token_id=stop, pad_token_id=0) == expected_drafts
-    # Reading prompt + draft equals pass 1 over each unpadded prompt + draft at its last token.
-    features = doubter.read_answers(ids, mask, expected_drafts).stacked()
-    for index, (row, draft) in enumerate(zip(rows, expected_drafts)):
-        full = torch.cat([row[0], torch.as_tensor(draft, dtype=torch.long)])[None]
+    draft = doubter.draft(ids, mask, 5, eos_token_id=stop, pad_token_id=0)
+    assert draft.tokens == expected_drafts
+    # What the draft's decoding steps recorded equals pass 1 over each unpadded prompt + draft: at the last token
+    # (the reading), at every answer token (its states, RMS-normalised) and the tokens' log-probabilities.
+    features = draft.reading.features
+    torch.testing.assert_close(features, doubter.read_answers(ids, mask, expected_drafts).stacked(), rtol=0, atol=1e-4)
+    for index, (row, tokens) in enumerate(zip(rows, expected_drafts)):
+        full = torch.cat([row[0], torch.as_tensor(tokens, dtype=torch.long)])[None]
         alone = doubter.run_pass1(full, torch.ones_like(full), torch.tensor([full.shape[1] - 1]),
                                   keep_prefix=False).stacked()
         torch.testing.assert_close(features[index], alone[0], rtol=0, atol=1e-4)
+        assert draft.reading.answer_mask[index].sum() == len(tokens)
+        with model.disable_adapter(), torch.no_grad():
+            logprobs = model(input_ids=full).logits[0].log_softmax(-1)
+        for position, token in enumerate(tokens):
+            state = doubter.run_pass1(full[:, : row.shape[1] + position + 1], torch.ones_like(full)[:, : row.shape[1]
+                                      + position + 1], torch.tensor([row.shape[1] + position]),
+                                      keep_prefix=False).stacked()[0]
+            torch.testing.assert_close(draft.reading.answer_states[index, position], rms_normalized(state),
+                                       rtol=0, atol=1e-4)
+            expected = logprobs[row.shape[1] + position - 1, token]
+            torch.testing.assert_close(draft.reading.token_signals[index, position, 0], expected, rtol=0, atol=1e-4)
     # Generation = pass 2 from the prompt with those features; it differs from reading the prompt.
     kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "eos_token_id": stop, "pad_token_id": 0,
                   "output_logits": True, "return_dict_in_generate": True}
@@ -429,3 +444,42 @@ def test_late_means_upper_third():
     assert peft_doubter.tuner.config.resolve_layers("target_layers", "late", 18) == list(range(12, 18))
     assert peft_doubter.tuner.config.resolve_layers("target_layers", "late", 32) == list(range(21, 32))
     assert peft_doubter.tuner.config.resolve_layers("target_layers", [-1, 0], 4) == [0, 3]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral"])
+def test_draft_shares_the_prompt_prefix_and_drops_finished_rows(family):
+    """`draft` computes the prompts' common prefix once and lets finished rows leave the batch; each row still gets
+    exactly greedy `generate`'s answer, and the read states of a full forward over its prompt + answer. (The tiny
+    Gemmas' 6-token sliding window is shorter than these prompts: `draft` shares no prefix there.)"""
+    model = make(family, "selective-last", read_position="answer", max_draft_tokens=6)
+    doubter = model.base_model
+    for seed in range(11, 40):  # a prefix whose first row's answer has a token not seen before its third position
+        prefix = prompts(1, 7, seed=seed)[0]
+        rows = [torch.cat([prefix, prompts(1, n, seed=seed + n)[0]]) for n in (3, 5, 4)]
+        with model.disable_adapter(), torch.no_grad():
+            free = [model.generate(input_ids=r[None], max_new_tokens=7, do_sample=False, pad_token_id=0)[0, len(r):]
+                    for r in rows]
+        first = free[0].tolist()
+        position = next((i for i in range(2, min(6, len(first))) if first[i] not in first[:i]), None)
+        if position is None:
+            continue
+        stop = first[position]  # row 0 stops after `position` tokens
+        lengths = [(t.tolist()[:6] + [stop]).index(stop) for t in free]
+        if max(lengths) > position:  # another row decodes on after row 0 has left the batch
+            break
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, 12 - len(row):], mask[index, 12 - len(row):] = row, 1
+    draft = doubter.draft(ids, mask, 6, eos_token_id=stop, pad_token_id=0)
+    for index, row in enumerate(rows):
+        with model.disable_adapter(), torch.no_grad():
+            out = model.generate(input_ids=row[None], max_new_tokens=6, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=0)[0, len(row):].tolist()
+        expected = out[: out.index(stop)] if stop in out else out
+        assert draft.tokens[index] == expected
+        full = torch.cat([row, torch.as_tensor(expected, dtype=torch.long)])[None]
+        alone = doubter.run_pass1(full, torch.ones_like(full), torch.tensor([full.shape[1] - 1]),
+                                  keep_prefix=False).stacked()[0]
+        torch.testing.assert_close(draft.reading.features[index], alone, rtol=0, atol=1e-4)
+    assert len(draft.tokens[0]) == position and max(len(t) for t in draft.tokens) > position

@@ -305,8 +305,8 @@ def test_run_card_shows_every_method_with_intervals_and_valid_metadata(run_dir):
         assert ci(row, "sel_acc@50") in text
     assert f"n = {N_TEST}" in text and f"exactly {N_TEST} held-out questions" in text
     behaviour = report.text_behaviour["doubter"]
-    assert f"{100 * behaviour['over_refusal']:.1f}% of its refusals" in text
-    assert f"declined {100 * behaviour['correct_declined_rate']:.1f}% of the right answers" in text
+    assert f"over-refusal was {100 * behaviour['over_refusal']:.1f}%: that share of its refusals" in text
+    assert f"declined {100 * behaviour['right_declined_rate']:.1f}% of the base's right answers" in text
     assert "![Risk–coverage curves of the Doubter and the baselines](eval/risk_coverage.png)" in text
     assert 'AutoPeftModelForCausalLM.from_pretrained("user/doubter-tiny")' in text and "import peft_doubter" in text
     assert f"hf download user/doubter-tiny {SIDECAR_NAME}" in text and '--sidecar "$SIDECAR"' in text
@@ -336,7 +336,7 @@ def test_card_of_an_embedded_base_names_its_licence_and_loader(name, license, hu
 def test_card_says_when_over_refusal_is_unmeasured(decline_below, sentence):
     card = doubter_card(DoubterConfig(**CONFIG), "user/meta", base_model_info("gemma-3-270m"),
                         report=make_report(decline_below))
-    assert sentence in card.text and "% of its refusals" not in card.text
+    assert sentence in card.text and "share of its refusals" not in card.text
 
 
 @pytest.mark.parametrize("name,license,message", [

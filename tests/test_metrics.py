@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from peft_doubter.evaluation import metrics as M
+from peft_doubter.evaluation import statistics as S
 
 
 # The running example. Sorted by confidence (already descending): correct 1 0 1 1 0.
@@ -96,25 +97,25 @@ def test_undefined_cases():
 
 
 def test_wilson_known_value():
-    low, high = M.wilson_interval(8, 10)
+    low, high = S.wilson_interval(8, 10)
     assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
-    assert all(math.isnan(x) for x in M.wilson_interval(0, 0))
+    assert all(math.isnan(x) for x in S.wilson_interval(0, 0))
 
 
 def test_mcnemar_exact_and_chi_square():
     # Discordant: A-only right = 1, B-only right = 5 -> exact two-sided p = 2 * (C(6,0) + C(6,1)) / 2^6 = 14/64.
     a = [1, 0, 0, 0, 0, 0, 1, 1, 0]
     b = [0, 1, 1, 1, 1, 1, 1, 1, 0]
-    stat, p = M.mcnemar(a, b)
+    stat, p = S.mcnemar(a, b)
     assert (stat, p) == (1.0, pytest.approx(14 / 64))
-    assert M.mcnemar(b, a).pvalue == pytest.approx(14 / 64)
+    assert S.mcnemar(b, a).pvalue == pytest.approx(14 / 64)
     # 30 vs 10 discordant: (|30 - 10| - 1)^2 / 40 = 9.025; chi-square(1) survival = erfc(sqrt(9.025 / 2)) = 0.0026631.
     a = np.r_[np.ones(30), np.zeros(10), np.ones(5)]
     b = np.r_[np.zeros(30), np.ones(10), np.ones(5)]
-    stat, p = M.mcnemar(a, b)
+    stat, p = S.mcnemar(a, b)
     assert stat == pytest.approx(9.025)
     assert p == pytest.approx(0.0026631, abs=1e-7)
-    assert M.mcnemar([1, 0], [1, 0]) == (0.0, 1.0)
+    assert S.mcnemar([1, 0], [1, 0]) == (0.0, 1.0)
 
 
 def test_bootstrap_ci_contains_estimate_and_is_seeded():
@@ -122,10 +123,10 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
     conf = rng.random(200)
     correct = rng.random(200) < conf
     point = M.auroc(correct, conf)
-    low, high = M.bootstrap_ci(M.auroc, correct, conf, n_resamples=300, seed=1)
+    low, high = S.bootstrap_ci(M.auroc, correct, conf, n_resamples=300, seed=1)
     assert low < point < high
-    assert M.bootstrap_ci(M.auroc, correct, conf, n_resamples=300, seed=1) == (low, high)
-    assert M.bootstrap_ci(M.auroc, correct, conf, n_resamples=300, seed=2) != (low, high)
+    assert S.bootstrap_ci(M.auroc, correct, conf, n_resamples=300, seed=1) == (low, high)
+    assert S.bootstrap_ci(M.auroc, correct, conf, n_resamples=300, seed=2) != (low, high)
 
 
 def test_paired_bootstrap_diff():
@@ -133,11 +134,11 @@ def test_paired_bootstrap_diff():
     conf = rng.random(300)
     correct = rng.random(300) < conf
     noise = rng.random(300)
-    out = M.paired_bootstrap_diff(M.auroc, correct, conf, noise, n_resamples=300)
+    out = S.paired_bootstrap_diff(M.auroc, correct, conf, noise, n_resamples=300)
     assert out["diff"] == pytest.approx(M.auroc(correct, conf) - M.auroc(correct, noise))
     assert 0 < out["ci_low"] < out["diff"] < out["ci_high"]
     assert out["pvalue"] < 0.01
-    same = M.paired_bootstrap_diff(M.auroc, correct, conf, conf, n_resamples=50)
+    same = S.paired_bootstrap_diff(M.auroc, correct, conf, conf, n_resamples=50)
     assert (same["diff"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
 
 
@@ -161,16 +162,16 @@ def test_summarize_points_and_intervals():
 # Text behaviour. Question:        0          1          2            3          4
 ACTION = ["answered", "declined", "corrected", "declined", "answered"]
 BASE = [1, 0, 0, 1, 0]
-FIXED = [0, 0, 1, 0, 0]  # only read where "corrected": question 2's correction is right
+WRITTEN = [1, 0, 1, 0, 0]  # read where answered or corrected: 0 is right, 2's correction is right, 4 is wrong
 
 
 def test_text_behaviour_hand_values():
-    out = M.text_behaviour(ACTION, BASE, FIXED)
+    out = M.text_behaviour(ACTION, BASE, WRITTEN)
     # Declines: 1 (base wrong) and 3 (base right). The corrected wrong answer (2) is not a refusal.
     assert out["refusal_precision"] == pytest.approx(1 / 2)
     assert out["refusal_precision_random"] == pytest.approx(3 / 5)
     assert out["over_refusal"] == pytest.approx(1 / 2)
-    assert out["correct_declined_rate"] == pytest.approx(1 / 2)  # of right answers {0, 3}, 3 was declined
+    assert out["right_declined_rate"] == pytest.approx(1 / 2)  # of right answers {0, 3}, 3 was declined
     assert out["refusal_rate"] == pytest.approx(2 / 5)
     assert out["coverage"] == pytest.approx(3 / 5)
     assert out["correction_rate"] == pytest.approx(1 / 5)
@@ -183,10 +184,29 @@ def test_text_behaviour_hand_values():
     assert out["kept_accuracy"] == pytest.approx(1 / 2)
     assert out["refusal_precision_ci_low"] < 0.5 < out["refusal_precision_ci_high"]
     assert (out["n_declined"], out["n_corrected"], out["n_answered"]) == (2, 1, 2)
+    assert (out["rescued"], out["lost"]) == (1, 1)  # 2 fixed; 3 declined though the base was right
+    assert out["written_accuracy"] == pytest.approx(2 / 5)
+
+
+def test_answered_text_is_judged_on_what_was_written_not_on_the_pass1_oracle():
+    """Question 4: the base was wrong, the Doubter answered differently and right; question 0: the base was right,
+    the Doubter answered differently and wrong. The written text decides, the oracle only says what was declined."""
+    action = ["answered", "declined", "answered", "answered", "answered"]
+    base = [1, 0, 0, 1, 0]
+    written = [0, 0, 0, 1, 1]
+    same = [0, 1, 1, 1, 0]
+    out = M.text_behaviour(action, base, written, same)
+    assert out["selective_accuracy"] == pytest.approx(2 / 4)  # answered {0, 2, 3, 4}: 3 and 4 right as written
+    assert out["kept_accuracy"] == pytest.approx(2 / 4)
+    assert (out["answered_differently"], out["answered_differently_right"]) == (2, 1)
+    assert (out["rescued"], out["lost"]) == (1, 1)
+    assert out["refusal_precision"] == 1.0  # the decline (question 1) is judged by the pass-1 oracle
+    oracle_judged = M.text_behaviour(action, base)  # without the written verdicts: every answer repeats the base's
+    assert oracle_judged["selective_accuracy"] == pytest.approx(2 / 4) and oracle_judged["rescued"] == 0
 
 
 def test_text_behaviour_validation():
-    with pytest.raises(ValueError, match="correction_correct"):
+    with pytest.raises(ValueError, match="written_correct"):
         M.text_behaviour(ACTION, BASE)
     with pytest.raises(ValueError, match="action"):
         M.text_behaviour(["answered", "refused"], [1, 0])

@@ -21,7 +21,7 @@ def report() -> EvaluationReport:
     action = np.where(doubter < 0.35, "declined", "answered").astype(object)
     action[:5] = "corrected"
     rep = EvaluationReport(title="TriviaQA test", meta={"model": "tiny"})
-    rep.add_method("doubter", correct, doubter, action=action, correction_correct=rng.random(n) < 0.5, n_resamples=100)
+    rep.add_method("doubter", correct, doubter, action=action, written_correct=rng.random(n) < 0.5, n_resamples=100)
     rep.add_method("random", correct, rng.random(n), n_resamples=100)
     rep.add_method("msp", correct, np.clip(correct * 0.2 + rng.random(n) * 0.8, 0, 1), n_resamples=100)
     result = calibrate(0.3, doubter[:100], correct[:100], delta=0.2)

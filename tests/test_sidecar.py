@@ -39,7 +39,7 @@ def config_id(config: dict) -> str:
 
 CONFIGS = [
     dict(encoder_type=e, pooling=p, dynamic_gates=g, **({"num_cognitive_tokens": 4} if e == "multi_token" else {}))
-    for e, p, g in itertools.product(fmt.ENCODER_TYPES, fmt.POOLINGS, (False, True))
+    for e, p, g in itertools.product(fmt.SIDECAR_ENCODERS, fmt.POOLINGS, (False, True))
 ]
 
 
@@ -70,7 +70,7 @@ def test_header_defines_every_name_of_the_format():
         assert defines[f"LLAMA_DOUBTER_KV_{m.field.upper()}"] == m.key
     for t in fmt.TENSOR_NAMES:
         assert defines[f"LLAMA_DOUBTER_TN_{t.macro}"] == re.sub(r"\{[rkl]\}", "%d", t.gguf)
-    for name in (*fmt.ENCODER_TYPES, *fmt.POOLINGS):
+    for name in (*fmt.SIDECAR_ENCODERS, *fmt.POOLINGS):
         assert name in defines.values()
 
 

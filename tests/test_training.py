@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ from peft_doubter import DoubterConfig, cli
 from peft_doubter.data.collection import CollectConfig, load_cache
 from peft_doubter.data.prompts import PromptConfig
 from peft_doubter.data.sequences import tokenize_example
-from peft_doubter.evaluation.confidence import doubter_confidence
+from peft_doubter.evaluation.confidence import doubter_log_odds, sigmoid
+from peft_doubter.evaluation.report import EvaluationReport
 from peft_doubter.runs import stages
 from peft_doubter.runs.ask import ask
 from peft_doubter.runs.manifest import read_manifest
@@ -75,12 +77,23 @@ def test_interrupted_collection_resumes_and_foreign_cache_is_refused(workspace, 
     assert len(resumed) == 60
     assert (run_dir / "cache" / "shard-00000").stat().st_mtime_ns == kept, "finished shards are not recomputed"
     assert resumed["id"] == load_cache(workspace["run"] / "cache")["id"]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    config = collect_config(workspace["model"], workspace["dataset"])
+    for collect_changes, doubter_changes, message in (
+            ({}, {"target_layers": [2, 3]}, r"other settings \(doubter.target_layers: \[1, 2, 3\] -> \[2, 3\]\)"),
+            ({"limit": 30}, {}, r"collect.limit: None -> 30"),
+            ({"val_fraction": 0.2}, {}, r"collect.val_fraction: 0.1 -> 0.2"),
+            ({"model": str(tiny_run.save_tiny_model(tmp_path / "other", family="qwen2"))}, {}, r"collect.model")):
+        with pytest.raises(ValueError, match=message):
+            stages.collect_run(run_dir, dataclasses.replace(config, **collect_changes), PROMPT,
+                               {**DOUBTER, **doubter_changes})
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    assert after == {p: v for p, v in before.items() if not p.name.endswith(".lock")}, "a refusal changes nothing"
+    (run_dir / "run.json").unlink()  # without the manifest, the cache itself refuses to be mixed
     with pytest.raises(ValueError, match="activation cache .* different read_layers"):
-        stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT,
-                        {**DOUBTER, "target_layers": [2, 3]})
-    other = tiny_run.save_tiny_model(tmp_path / "other", family="qwen2")
-    with pytest.raises(ValueError, match="made for base model"):
-        stages.collect_run(run_dir, collect_config(other, workspace["dataset"]), PROMPT, DOUBTER)
+        stages.collect_run(run_dir, config, PROMPT, {**DOUBTER, "target_layers": [2, 3]})
+    with pytest.raises(ValueError, match="activation cache .* different sample"):
+        stages.collect_run(run_dir, dataclasses.replace(config, shard_size=8), PROMPT, DOUBTER)
 
 
 def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
@@ -98,20 +111,24 @@ def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
         row = cache[index]
         assert row["pass1_answer"] == prompt_cache[index]["pass1_answer"]
         inputs = tokenizer(row["prompt"], return_tensors="pt")
-        drafts = doubter.draft_answers(inputs["input_ids"], inputs["attention_mask"], 3,
-                                       eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        assert tokenizer.decode(drafts[0]).strip() == row["pass1_answer"]
-        read = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"], drafts).stacked()
+        draft = doubter.draft(inputs["input_ids"], inputs["attention_mask"], 3,
+                              eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        assert tokenizer.decode(draft.tokens[0]).strip() == row["pass1_answer"] and draft.tokens[0] == row["answer_ids"]
+        read = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"], draft.tokens).stacked()
         torch.testing.assert_close(torch.as_tensor(row["features"]), read[0], rtol=0, atol=1e-5)
+        states = torch.as_tensor(row["answer_states"]).float()
+        assert states.shape[0] == len(draft.tokens[0])
+        torch.testing.assert_close(states, draft.reading.answer_states[0, :len(draft.tokens[0])], rtol=1e-3,
+                                   atol=1e-3)  # float16 in the cache
         if row["pass1_answer"]:
             moved = torch.as_tensor(row["features"]) - torch.as_tensor(prompt_cache[index]["features"])
             assert moved.abs().max() > 1e-3
     manifest = (run_dir / "run.json").read_text()
-    with pytest.raises(ValueError, match="different read_position"):
+    with pytest.raises(ValueError, match="doubter.read_position: 'answer' -> 'prompt'"):
         stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
     assert (run_dir / "run.json").read_text() == manifest, "a refused collection leaves the manifest alone"
     with pytest.raises(ValueError, match="fixed at collection"):
-        stages.train_run(run_dir, DoubterSFTConfig(output_dir="unused"), {"read_position": "prompt"})
+        stages.train_run(run_dir, {}, {"read_position": "prompt"})
     from peft_doubter.evaluation.protocol import EvalConfig
 
     with pytest.raises(ValueError, match="different read_position"):  # cross-domain questions read elsewhere
@@ -200,11 +217,13 @@ def test_training_lowers_the_loss_and_interrupted_training_resumes(workspace, tm
     DoubterTrainer.__init__ = with_interrupt
     try:
         with pytest.raises(Interrupt):
-            stages.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
+            stages.train_run(run_dir, args)
     finally:
         DoubterTrainer.__init__ = original
     assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] and not (run_dir / "adapter").exists()
-    trainer = stages.train_run(run_dir, DoubterSFTConfig(output_dir="unused", **args))
+    with pytest.raises(ValueError, match="started with other options.*num_train_epochs: started with 3, given 6"):
+        stages.train_run(run_dir, {**args, "num_train_epochs": 6})
+    trainer = stages.train_run(run_dir)  # resumed without repeating the options: the run that was started goes on
     manifest = read_manifest(run_dir)
     steps_per_epoch = -(-manifest["train"]["train_questions"] // 4)
     assert manifest["train"]["resumed_from"].endswith(f"checkpoint-{steps_per_epoch}")
@@ -233,8 +252,13 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
     main_target = read_manifest(run_dir)["evaluations"]["quick"]["target_risk"]
     targets = [entry["target_risk"] for entry in report["risk_control"]]
     assert targets[0] == pytest.approx(main_target) and len(targets) > 1, "main target first, then the sweep"
-    scores = report["meta"]["scores"]
-    assert len(scores["test"]["doubter"]) == report["meta"]["n"] and set(scores["test"]) == set(report["methods"])
+    assert set(report["scores"]) == set(report["methods"])
+    assert len(report["scores"]["doubter"]["scores"]) == report["meta"]["n"]
+    stored = EvaluationReport.from_json(run_dir / "quick" / "report.json")
+    for name, reported in report["methods"].items():  # every reported number comes back from the stored scores
+        again = stored.recomputed(name)
+        for key in ("auroc", "aurc", "sel_acc@20", "sel_acc@50", "ece", "brier"):
+            assert again[key] == pytest.approx(reported[key], abs=1e-12, nan_ok=True), (name, key)
     assert cli.main(["eval", "--run-dir", str(run_dir), "--generate-text", "false", "--n-resamples", "20"]) == 0
     ranking = json.loads((run_dir / "eval" / "report.json").read_text())
     assert "examples" not in ranking["meta"] and "doubter" in capsys.readouterr().out
@@ -251,7 +275,7 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
     model, tokenizer, manifest = stages.load_run_model(run_dir)
     rows = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"][:3]
     refusal = model.peft_config[model.active_adapter].refusal_text
-    expected = doubter_confidence(model, tokenizer, rows, refusal, "letter", False, 1)
+    expected = sigmoid(doubter_log_odds(model, tokenizer, rows, refusal, "letter", False, 1))
     tokens = manifest["collect"]["max_new_tokens"]
     for row, confidence in zip(rows, expected):
         asked = ask(run_dir, row["question"], tokens, model, tokenizer, threshold=0.0)
@@ -301,3 +325,103 @@ def test_training_script_under_accelerate_launch_with_two_cpu_processes(workspac
     assert manifest["train"]["metrics"]["epoch"] == 1.0
     assert any(entry.get("step") == steps for entry in manifest["train"]["log_history"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_train_refuses_a_run_whose_manifest_names_another_base(workspace, tmp_path):
+    """run.json edited to name model B while the cache was made on model A: nothing is trained or overwritten."""
+    from peft_doubter.tuner import backbone
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    other = tiny_run.save_tiny_model(tmp_path / "other", seed=5)
+    manifest = read_manifest(run_dir)
+    manifest["collect"]["model"] = str(other)
+    manifest["base_fingerprint"] = backbone.fingerprint(tiny_models.build("llama", seed=5))
+    (run_dir / "run.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    with pytest.raises(ValueError, match="cache/manifest.json was made on another base model"):
+        stages.train_run(run_dir, {"num_train_epochs": 1})
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    assert after == before and not (run_dir / "adapter").exists()
+
+
+def test_a_second_process_on_a_run_directory_is_refused(workspace, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    code = (f"import time; from filelock import FileLock; lock = FileLock({str(run_dir / '.lock')!r}); "
+            "lock.acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match="Another process is working on"):
+            stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
+        with pytest.raises(RuntimeError, match="Another process is working on"):
+            stages.train_run(run_dir, {"num_train_epochs": 1})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list((run_dir / "cache").glob(".shard-*.partial"))
+
+
+def test_a_read_only_run_directory_is_refused_before_any_work(workspace, tmp_path, monkeypatch):
+    import peft_doubter.paths
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded although nothing could be written")
+
+    monkeypatch.setattr(stages, "load_run_model", no_work)
+    monkeypatch.setattr(peft_doubter.paths.os, "access", lambda path, mode: not str(path).startswith(str(run_dir)))
+    from peft_doubter.evaluation.protocol import EvalConfig
+
+    with pytest.raises(PermissionError, match="is not writable: nothing was computed"):
+        stages.eval_run(run_dir, EvalConfig())
+    with pytest.raises(PermissionError, match="is not writable"):
+        stages.train_run(run_dir, {})
+
+
+def test_damaged_manifests_name_the_file(workspace, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    text = (run_dir / "cache" / "manifest.json").read_text()
+    (run_dir / "cache" / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="cache/manifest.json is damaged"):
+        stages.collect_run(run_dir, collect_config(workspace["model"], workspace["dataset"]), PROMPT, DOUBTER)
+    (run_dir / "run.json").write_text('{"collect": ')
+    with pytest.raises(ValueError, match="run.json is damaged"):
+        stages.train_run(run_dir, {})
+
+
+def test_user_data_errors_name_the_file_and_line(tmp_path):
+    from peft_doubter.data.benchmarks import load_user_dataset
+
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"question": "a?", "answer": "x"}\n{"question": "b?", "answer": "y"}\n{"question": "c?",\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: not a JSON object"):
+        load_user_dataset(bad_json)
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes('{"question": "a?", "answer": "x"}\n{"question": "caf\u00e9?", "answer": "y"}\n'
+                         .encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        load_user_dataset(not_utf8)
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                for q, a in [("a?", "x"), ("b?", "y"), ("A ?", "x"), ("c?", "z")]))
+    with pytest.warns(UserWarning, match="1 rows repeat an earlier question with the same answer and were dropped"):
+        assert load_user_dataset(repeated)["question"] == ["a?", "b?", "c?"]
+    contradicting = tmp_path / "contradicting.jsonl"
+    contradicting.write_text(json.dumps({"question": "a?", "answer": "x"}) + "\n"
+                             + json.dumps({"question": "a?", "answer": "w"}) + "\n")
+    with pytest.raises(ValueError, match="rows 0 and 1 ask the same question .* with different answers"):
+        load_user_dataset(contradicting)
+
+
+def test_ask_refuses_a_threshold_outside_zero_to_one(workspace, capsys):
+    for text in ("nan", "1.5", "-0.1"):
+        assert cli.main(["ask", "--run-dir", str(workspace["run"]), "--threshold", text, "w12"]) == 2
+        assert "--threshold is a confidence in [0, 1]" in capsys.readouterr().err

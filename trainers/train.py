@@ -55,10 +55,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "collect" in stages:
         collect_run(args.run_dir, CollectConfig(**given(args, "collect", parser)),
                     PromptConfig(**given(args, "prompt", parser)), doubter)
-    training = training_arguments(args.run_dir, given(args, "train", parser))
     if "train" in stages:
-        train_run(args.run_dir, training, doubter)
-    if "eval" in stages and training.process_index == 0:
+        train_run(args.run_dir, given(args, "train", parser), doubter)
+    if "eval" in stages and training_arguments(args.run_dir, given(args, "train", parser)).process_index == 0:
         print(eval_run(args.run_dir, EvalConfig(**given(args, "eval", parser))).to_markdown())
 
 

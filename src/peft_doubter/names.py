@@ -10,6 +10,7 @@ RUN_MANIFEST = "run.json"  # what `collect` decided; later stages need only the 
 RUN_LOCK = ".lock"  # held by the process working on the run directory
 CACHE_DIR = "cache"  # the activation cache (resumable shards)
 CACHE_MANIFEST = "manifest.json"  # inside CACHE_DIR: what the cache was built from
+PREFIX_STATES_DIR = "prefix_states"  # the states entering the first inject layer, per cached sequence (resumable)
 CHECKPOINTS_DIR = "checkpoints"  # trainer checkpoints (resumable)
 ADAPTER_DIR = "adapter"  # the trained adapter
 EVAL_DIR = "eval"  # the default evaluation folder
@@ -25,7 +26,8 @@ DEFAULT_REFUSAL = "I'm not confident enough to answer this question accurately."
 CORRECTION_PREFIX = "Wait, the correct answer is"
 
 # ----------------------------------------------------------------------------------------------- option lists
-ENCODER_TYPES = ("selective", "multi_token", "transformer")
+ENCODER_TYPES = ("selective", "multi_token", "transformer", "attentive")
 POOLINGS = ("last", "mean", "last_mean")
 READ_POSITIONS = ("prompt", "answer")
+CONFIDENCES = ("decision", "ratio")
 LAYER_SPEC_WORDS = ("all", "late")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
+
+from .names import RUN_LOCK
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -34,3 +40,56 @@ def fetch_file(repo_id_or_path: Union[str, os.PathLike], filename: str, revision
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(str(repo_id_or_path), filename, revision=revision, token=token))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a half-written file is never left at `path` (a temporary file is renamed over it)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    partial.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, with an error that names it when it is damaged."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged: not valid JSON ({error}). Restore it or start a new run "
+                         "directory.") from None
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any work when results could not be written into `directory` (or the folder it would be made
+    in)."""
+    directory = Path(directory)
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    try:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError
+        with tempfile.TemporaryFile(dir=existing):  # a read-only file system refuses even root
+            pass
+    except OSError:
+        raise PermissionError(f"{existing} is not writable: nothing was computed. Make it writable or choose "
+                              "another run directory.") from None
+
+
+@contextlib.contextmanager
+def run_directory_lock(directory: Path) -> Iterator[None]:
+    """Hold the run directory's lock for one stage; a second process on the same directory is refused at once
+    (two writers would mix their results)."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / RUN_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"Another process is working on {directory} (it holds {directory / RUN_LOCK}); wait for "
+                           "it to finish or use another run directory.") from None
+    try:
+        yield
+    finally:
+        lock.release()

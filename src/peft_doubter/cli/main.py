@@ -100,9 +100,12 @@ def _threshold(run_dir: Path, text: Optional[str]) -> Optional[float]:
                   "is declined.", file=sys.stderr)
         return threshold
     try:
-        return float(text)
+        threshold = float(text)
     except ValueError:
         raise ValueError(f"--threshold must be a number or 'calibrated', got {text!r}.") from None
+    if not 0.0 <= threshold <= 1.0:  # also refuses nan
+        raise ValueError(f"--threshold is a confidence in [0, 1], got {text!r}.")
+    return threshold
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -115,9 +118,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
         collect_run(run_dir, CollectConfig(**values("collect")), PromptConfig(**values("prompt")), values("doubter"))
     if args.command in ("train", "quickstart"):
-        from ..runs.stages import train_run, training_arguments
+        from ..runs.stages import train_run
 
-        train_run(run_dir, training_arguments(run_dir, values("train")), values("doubter"))
+        train_run(run_dir, values("train"), values("doubter"))
     if args.command in ("eval", "quickstart"):
         from ..evaluation.protocol import EvalConfig
         from ..runs.stages import eval_run
@@ -154,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         _run(args, parser._subparsers._group_actions[0].choices[args.command])
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except (ValueError, FileNotFoundError, TypeError, PermissionError, RuntimeError) as error:
         print(f"peft-doubter {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+
+from .scoring import normalize_answer
 
 
 UNIFIED_FEATURES = datasets.Features(
@@ -257,7 +261,22 @@ def _read_source(source: datasets.Dataset | str | os.PathLike[str]) -> datasets.
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv"}
     if path.suffix.lower() not in builders:
         raise ValueError(f"Unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
-    return datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start}); save the "
+                             "file as UTF-8.") from None
+        if path.suffix.lower() == ".jsonl" and text.strip():
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON object ({error.msg} at column {error.colno}).") from None
+    try:
+        return datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as error:
+        cause = error.__cause__ or error
+        raise ValueError(f"{path} could not be read as {builders[path.suffix.lower()].upper()}: {cause}") from None
 
 
 def _as_list(value: Any, separator: str | None) -> list[str]:
@@ -316,6 +335,9 @@ def load_user_dataset(
 
     rows: list[Row] = []
     seen: dict[str, int] = {}
+    first_row: dict[tuple, tuple[int, Row]] = {}  # normalized question (and options) -> first row asking it
+    dropped: list[int] = []
+    name = source if isinstance(source, datasets.Dataset) else Path(source)
     for i, ex in enumerate(ds):
         question = str(ex[question_column] or "").strip()
         if id_column is not None:
@@ -334,7 +356,9 @@ def load_user_dataset(
             answers = _clean(_as_list(ex[answer_column], answer_separator))
             if not answers:
                 raise ValueError(f"{where}: no answer in column {answer_column!r}")
-            rows.append(_row(id_, question, answers, [], -1))
+            row = _row(id_, question, answers, [], -1)
+            if _keep_first(first_row, (normalize_answer(question),), i, row, dropped, name):
+                rows.append(row)
             continue
         choices = [c.strip() for c in _as_list(ex[choices_column], choices_separator)]
         if len(choices) < 2:
@@ -344,7 +368,28 @@ def load_user_dataset(
         else:
             answer = str(ex[answer_column]).strip()
             label = choices.index(answer) if answer in choices else _label_index(answer, choices, where)
-        rows.append(_mc_row(id_, question, choices, label))
+        row = _mc_row(id_, question, choices, label)
+        if _keep_first(first_row, (normalize_answer(question), *map(normalize_answer, choices)), i, row, dropped,
+                       name):
+            rows.append(row)
     if not rows:
         raise ValueError("The user dataset has no rows")
+    if dropped:
+        warnings.warn(f"{name}: {len(dropped)} rows repeat an earlier question with the same answer and were dropped "
+                      f"(rows {dropped[:10]}{' ...' if len(dropped) > 10 else ''}).")
     return datasets.Dataset.from_list(rows, features=UNIFIED_FEATURES)
+
+
+def _keep_first(first_row: dict[tuple, tuple[int, Row]], key: tuple, index: int, row: Row, dropped: list[int],
+                name: Any) -> bool:
+    """True for the first row asking a question; a repeat with the same gold answer is dropped (recorded in
+    `dropped`), a repeat with another gold answer is refused: the file contradicts itself."""
+    if key not in first_row:
+        first_row[key] = (index, row)
+        return True
+    earlier, kept = first_row[key]
+    if (kept["answers"], kept["label"]) != (row["answers"], row["label"]):
+        raise ValueError(f"{name}: rows {earlier} and {index} ask the same question ({row['question']!r}) with "
+                         f"different answers ({kept['answers']} vs {row['answers']}); keep one of them.")
+    dropped.append(index)
+    return False

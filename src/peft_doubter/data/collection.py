@@ -9,8 +9,6 @@ confidence features for the baselines.
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,10 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..names import CACHE_MANIFEST
+from ..paths import read_json, write_json
 from ..tuner import backbone
-from ..tuner.capture import position_ids_from_mask
+from ..tuner.capture import TOKEN_SIGNALS, position_ids_from_mask
+from ..tuner.generation import Draft
 from .prompts import LETTERS, PromptConfig, build_prompt, first_line, score_cloze_options
 from .scoring import ContainmentJudge, ExactMatchJudge, Judge, LocalModelJudge
+from .shards import build_shards, finished_rows, load_shards
 
 
 JUDGES: dict[str, type] = {"exact_match": ExactMatchJudge, "containment": ContainmentJudge}
@@ -75,7 +76,7 @@ class CollectConfig:
     val_fraction: float = field(default=0.1, metadata={"help": "Share of questions for validation."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of questions held out for the test."})
     max_new_tokens: int = field(default=16, metadata={"help": "Longest greedy open answer (cut at a newline)."})
-    batch_size: int = field(default=16, metadata={"help": "Questions per batch."})
+    batch_size: int = field(default=32, metadata={"help": "Questions per batch (decoded together; finished rows leave)."})
     shard_size: int = field(default=256, metadata={"help": "Questions per cache shard (the unit of resumption)."})
     judge: str = field(
         default="exact_match",
@@ -122,38 +123,24 @@ def stop_token_ids(tokenizer) -> list[int]:
     return cached
 
 
-def _first_token_stats(logits: torch.Tensor) -> tuple[list[float], float]:
-    logprobs = logits.float().log_softmax(-1)
-    top2 = logprobs.topk(2).values.tolist()
-    entropy = float(-(logprobs.exp() * logprobs).sum())
-    return top2, entropy
-
-
-def answer_open(model, tokenizer, inputs: dict, answers: list[list[str]], questions: list[str],
-                judge: Judge, max_new_tokens: int) -> list[Pass1Answer]:
-    """Greedy answers cut at the first newline, with per-token log-probabilities of the kept tokens."""
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=stop_token_ids(tokenizer))
-    generated = out.sequences[:, inputs["input_ids"].shape[1]:]
-    logits = torch.stack(out.logits, dim=1)  # (B, steps, V)
+def answer_open(doubter, tokenizer, inputs: dict, answers: list[list[str]], questions: list[str], judge: Judge,
+                max_new_tokens: int) -> tuple[list[Pass1Answer], Draft]:
+    """Greedy answers cut at the first newline (`DoubterModel.draft`: the read layers are recorded on the way),
+    with per-token log-probabilities of the kept tokens and the first token's top-2 and entropy."""
+    draft = doubter.draft(inputs["input_ids"], inputs["attention_mask"], max_new_tokens,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
     results = []
-    for row, tokens in enumerate(generated):
-        stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
-        kept: list[int] = []
-        for token in tokens.tolist():
-            if token in stops:
-                break
-            kept.append(token)
+    for row, kept in enumerate(draft.tokens):
         text = first_line(tokenizer.decode(kept, skip_special_tokens=True))
-        logprobs = logits[row, : max(len(kept), 1)].float().log_softmax(-1)
-        token_logprobs = [float(logprobs[i, t]) for i, t in enumerate(kept)] or [float(logprobs[0].max())]
-        top2, entropy = _first_token_stats(logits[row, 0])
-        results.append(Pass1Answer(text, bool(text) and judge(questions[row], text, answers[row]),
-                                   token_logprobs=token_logprobs, first_top2=top2, first_entropy=entropy,
-                                   token_ids=kept))
-    return results
+        signals = draft.step_signals[row]  # (max(L, 1), S): TOKEN_SIGNALS columns
+        logprobs = signals[: len(kept), TOKEN_SIGNALS.index("logprob")].tolist()
+        first = signals[0]
+        results.append(Pass1Answer(
+            text, bool(text) and judge(questions[row], text, answers[row]),
+            token_logprobs=logprobs or [float(first[TOKEN_SIGNALS.index("top1")])],
+            first_top2=[float(first[TOKEN_SIGNALS.index("top1")]), float(first[TOKEN_SIGNALS.index("top2")])],
+            first_entropy=float(first[TOKEN_SIGNALS.index("entropy")]), token_ids=kept))
+    return results, draft
 
 
 def answer_cloze(model, tokenizer, prompt: str, choices: list[str], label: int, chat: bool) -> Pass1Answer:
@@ -161,6 +148,13 @@ def answer_cloze(model, tokenizer, prompt: str, choices: list[str], label: int, 
     scores = score_cloze_options(model, tokenizer, prompt, choices, normalize="token", add_special_tokens=not chat)
     choice = int(np.argmax(scores))
     return Pass1Answer(choices[choice], choice == label, choice=choice, option_logprobs=scores)
+
+
+def _first_token_stats(logits: torch.Tensor) -> tuple[list[float], float]:
+    logprobs = logits.float().log_softmax(-1)
+    top2 = logprobs.topk(2).values.tolist()
+    entropy = float(-(logprobs.exp() * logprobs).sum())
+    return top2, entropy
 
 
 def answer_letter(model, tokenizer, inputs: dict, choices: list[list[str]], labels: list[int]
@@ -182,7 +176,7 @@ def answer_letter(model, tokenizer, inputs: dict, choices: list[list[str]], labe
     return results
 
 
-def cache_features(read_layers: int, feature_dim: int) -> datasets.Features:
+def cache_features(read_layers: int, feature_dim: int, hidden_size: int) -> datasets.Features:
     return datasets.Features({
         "id": datasets.Value("string"),
         "question": datasets.Value("string"),
@@ -199,7 +193,12 @@ def cache_features(read_layers: int, feature_dim: int) -> datasets.Features:
         "first_top2": datasets.Sequence(datasets.Value("float32")),
         "first_entropy": datasets.Value("float32"),
         "option_logprobs": datasets.Sequence(datasets.Value("float32")),
-        "features": datasets.Array2D((read_layers, feature_dim), "float32"),
+        "features": datasets.Array2D((read_layers, feature_dim), "float32"),  # at the read position
+        "prompt_features": datasets.Array2D((read_layers, feature_dim), "float32"),  # at the prompt's last token
+        # Open QA: the answer's tokens, their read-layer states (each divided by its RMS) and TOKEN_SIGNALS.
+        "answer_ids": datasets.Sequence(datasets.Value("int64")),
+        "answer_states": datasets.Array3D((None, read_layers, hidden_size), "float16"),
+        "token_signals": datasets.Array2D((None, len(TOKEN_SIGNALS)), "float32"),
     })
 
 
@@ -218,6 +217,10 @@ def cache_identity(model, read_layers: Sequence[int], pooling: str, prompt_confi
         "max_new_tokens": collect_config.max_new_tokens,
         "judge": collect_config.judge,
         "exemplar_ids": list(exemplar_ids),
+        # the question sample and its shards: another limit, seed, split or shard size would mix two collections
+        "sample": {key: getattr(collect_config, key) for key in ("limit", "sample_seed", "val_fraction",
+                                                                  "test_fraction", "shard_size", "question_column",
+                                                                  "answer_column", "choices_column", "label_column")},
     }
 
 
@@ -226,7 +229,8 @@ def check_cache_identity(cache_dir: Path, identity: dict[str, Any]) -> None:
     manifest_path = cache_dir / CACHE_MANIFEST
     if not manifest_path.exists():
         return
-    stored = {"read_position": "prompt", **json.loads(manifest_path.read_text())["identity"]}  # older caches
+    stored = {"read_position": "prompt", **read_json(manifest_path)["identity"]}  # older caches lack read_position
+    stored.setdefault("sample", identity["sample"])  # caches made before the sample was recorded
     differences = [key for key in identity if key != "base_fingerprint" and stored.get(key) != identity[key]]
     problems = backbone.fingerprint_mismatch(stored["base_fingerprint"], identity["base_fingerprint"])
     if problems:
@@ -252,34 +256,34 @@ def collect(
     are kept, so an interrupted collection resumes where it stopped; `questions` needs a `split` column."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     check_cache_identity(cache_dir, identity)
-    (cache_dir / CACHE_MANIFEST).write_text(json.dumps({"identity": identity}, indent=2))
+    write_json(cache_dir / CACHE_MANIFEST, {"identity": identity})
     doubter = peft_model.base_model
     config = peft_model.peft_config[peft_model.active_adapter]
     read_layers = doubter._plans[peft_model.active_adapter].read
-    feature_dim = backbone.hidden_size(peft_model) * (2 if config.pooling == "last_mean" else 1)
-    features = cache_features(len(read_layers), feature_dim)
+    hidden = backbone.hidden_size(peft_model)
+    features = cache_features(len(read_layers), hidden * (2 if config.pooling == "last_mean" else 1), hidden)
     judge = make_judge(collect_config.judge)
     tokenizer.padding_side = "left"
-    shards = [questions.select(range(s, min(s + collect_config.shard_size, len(questions))))
-              for s in range(0, len(questions), collect_config.shard_size)]
     truncated = 0
-    progress = tqdm(total=len(questions), desc="Collecting pass-1 answers", unit="q")
-    for index, shard in enumerate(shards):
-        shard_dir = cache_dir / f"shard-{index:05d}"
-        if shard_dir.exists():
-            progress.update(len(shard))
-            continue
-        rows = []
-        for start in range(0, len(shard), collect_config.batch_size):
-            batch = shard.select(range(start, min(start + collect_config.batch_size, len(shard))))
-            rows.extend(collect_batch(peft_model, tokenizer, list(batch), prompt_config, exemplars, judge,
-                                       collect_config))
-            progress.update(len(batch))
+    progress = tqdm(total=len(questions), desc="Collecting pass-1 answers", unit="q",
+                    initial=min(len(questions), finished_rows(cache_dir, collect_config.shard_size)))
+
+    def produce(start: int, end: int) -> list[dict]:
+        nonlocal truncated
+        shard = questions.select(range(start, end))
+        rows: list[dict] = [{}] * len(shard)
+        order = sorted(range(len(shard)), key=lambda i: len(shard[i]["question"]))  # similar lengths together
+        for first in range(0, len(order), collect_config.batch_size):
+            indices = order[first:first + collect_config.batch_size]
+            batch_rows = collect_batch(peft_model, tokenizer, [shard[i] for i in indices], prompt_config, exemplars,
+                                       judge, collect_config)
+            for index, row in zip(indices, batch_rows):
+                rows[index] = row
+            progress.update(len(indices))
         truncated += sum(row["prompt_truncated"] for row in rows)
-        partial = cache_dir / f".shard-{index:05d}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(partial))
-        partial.rename(shard_dir)
+        return rows
+
+    build_shards(cache_dir, len(questions), collect_config.shard_size, produce, features)
     progress.close()
     if truncated:
         warnings.warn(f"{truncated} prompts were truncated from the left to fit `max_prompt_tokens`.")
@@ -297,28 +301,41 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
     chat = prompt_config.style == "chat"
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(peft_model.device)
     doubter = peft_model.base_model
+    config = peft_model.peft_config[peft_model.active_adapter]
+    hidden = backbone.hidden_size(peft_model)
+    read_layers = len(doubter._plans[peft_model.active_adapter].read)
+    empty_states = np.zeros((0, read_layers, hidden), dtype=np.float16)
+    empty_signals = np.zeros((0, len(TOKEN_SIGNALS)), dtype=np.float32)
+    answer_parts: list[tuple[list[int], np.ndarray, np.ndarray]] = [([], empty_states, empty_signals)] * len(batch)
     with peft_model.disable_adapter():
         base = doubter.model
         if not batch[0]["choices"]:
-            with doubter.capturing_prompt(inputs["attention_mask"]) as capture:
-                answers = answer_open(base, tokenizer, inputs, [e["answers"] for e in batch],
-                                      [e["question"] for e in batch], judge, collect_config.max_new_tokens)
-        elif prompt_config.mc_format == "cloze":
-            with doubter.capturing_prompt(inputs["attention_mask"]) as capture, torch.no_grad():
-                base(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), logits_to_keep=1)
-            answers = [answer_cloze(base, tokenizer, text, e["choices"], e["label"], chat)
-                       for text, e in zip(texts, batch)]
+            answers, draft = answer_open(doubter, tokenizer, inputs, [e["answers"] for e in batch],
+                                         [e["question"] for e in batch], judge, collect_config.max_new_tokens)
+            prompt_features, features = draft.prompt_features, draft.prompt_features
+            if config.read_position == "answer":
+                features = draft.reading.features
+                if config.pooling != "last":
+                    features = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"],
+                                                    draft.tokens).stacked()
+            answer_parts = [
+                (kept, draft.reading.answer_states[row, :len(kept)].cpu().numpy().astype(np.float16),
+                 draft.reading.token_signals[row, :len(kept)].cpu().numpy())
+                for row, kept in enumerate(draft.tokens)
+            ]
         else:
-            with doubter.capturing_prompt(inputs["attention_mask"]) as capture:
-                answers = answer_letter(base, tokenizer, inputs, [e["choices"] for e in batch],
-                                        [e["label"] for e in batch])
-    pooled = capture.stacked()
-    if peft_model.peft_config[peft_model.active_adapter].read_position == "answer":
-        if batch[0]["choices"]:
-            raise ValueError("read_position='answer' is for open-ended answers; multiple-choice runs read the prompt.")
-        with peft_model.disable_adapter():
-            pooled = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"],
-                                          [answer.token_ids for answer in answers]).stacked()
+            if config.read_position == "answer":
+                raise ValueError("read_position='answer' is for open-ended answers; multiple-choice runs read the "
+                                 "prompt.")
+            with doubter.capturing_prompt(inputs["attention_mask"]) as capture, torch.no_grad():
+                if prompt_config.mc_format == "cloze":
+                    base(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), logits_to_keep=1)
+                    answers = [answer_cloze(base, tokenizer, text, e["choices"], e["label"], chat)
+                               for text, e in zip(texts, batch)]
+                else:
+                    answers = answer_letter(base, tokenizer, inputs, [e["choices"] for e in batch],
+                                            [e["label"] for e in batch])
+            prompt_features = features = capture.stacked()
     return [
         {
             "id": example["id"], "question": example["question"], "answers": example["answers"],
@@ -326,15 +343,14 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
             "prompt": prompt.text, "prompt_truncated": prompt.truncated, "pass1_answer": answer.text,
             "pass1_choice": answer.choice, "correct": answer.correct, "token_logprobs": answer.token_logprobs,
             "first_top2": answer.first_top2, "first_entropy": answer.first_entropy,
-            "option_logprobs": answer.option_logprobs, "features": pooled[row].cpu().numpy(),
+            "option_logprobs": answer.option_logprobs, "features": features[row].cpu().numpy(),
+            "prompt_features": prompt_features[row].cpu().numpy(), "answer_ids": parts[0],
+            "answer_states": parts[1], "token_signals": parts[2],
         }
-        for row, (example, prompt, answer) in enumerate(zip(batch, prompts, answers))
+        for row, (example, prompt, answer, parts) in enumerate(zip(batch, prompts, answers, answer_parts))
     ]
 
 
 def load_cache(cache_dir: Path) -> datasets.Dataset:
     """All finished shards of a cache, in order."""
-    shard_dirs = sorted(p for p in Path(cache_dir).glob("shard-*") if p.is_dir())
-    if not shard_dirs:
-        raise FileNotFoundError(f"No activation cache in {cache_dir}: run `peft-doubter collect` first.")
-    return datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in shard_dirs])
+    return load_shards(cache_dir, f"No activation cache in {cache_dir}: run `peft-doubter collect` first.")

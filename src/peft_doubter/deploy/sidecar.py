@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..names import ENCODER_TYPES, POOLINGS, SIDECAR_FILE
+from ..names import POOLINGS, SIDECAR_FILE
 from ..paths import fetch_file
 from .sidecar_format import (
     ADAPTER_TYPE,
@@ -20,6 +20,7 @@ from .sidecar_format import (
     KEY_GENERAL_TYPE,
     LEGACY_DEFAULTS,
     META_KEYS,
+    SIDECAR_ENCODERS,
     expected_shapes,
     llama_cpp_arch,
     to_canonical_name,
@@ -56,8 +57,9 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"`{field}` must be a non-empty string, got {metadata[field]!r}.")
         meta[field] = metadata[field]
     llama_cpp_arch(meta["base_architecture"])
-    if meta["encoder_type"] not in ENCODER_TYPES:
-        raise ValueError(f"`encoder_type` must be one of {ENCODER_TYPES}, got {meta['encoder_type']!r}.")
+    if meta["encoder_type"] not in SIDECAR_ENCODERS:
+        raise ValueError(f"`encoder_type` must be one of {SIDECAR_ENCODERS} in a sidecar (llama.cpp implements "
+                         f"those), got {meta['encoder_type']!r}.")
     if meta["pooling"] not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {meta['pooling']!r}.")
     for field in ("read_layers", "inject_layers"):

@@ -24,6 +24,9 @@ GENERAL_TYPE = "adapter"
 ADAPTER_TYPE = "doubter"
 KEY_PREFIX = "adapter.doubter."
 
+# The encoders the llama.cpp loader implements: every encoder but `attentive`, whose pass 1 reads every token of the
+# base's own answer (the C++ tool reads the prompt).
+SIDECAR_ENCODERS = tuple(kind for kind in ENCODER_TYPES if kind != "attentive")
 TRANSFORMER_BLOCKS = 2  # self-attention blocks of the `transformer` encoder
 
 # HF `model_type` -> llama.cpp architecture name (the only table of it); each llama.cpp graph builder of these
@@ -251,7 +254,7 @@ def c_header() -> str:
     ]
     lines += [define("KV_" + m.field.upper(), m.key) for m in META_KEYS]
     lines.append("")
-    lines += [define("NAME_ENCODER_" + t.upper(), t) for t in ENCODER_TYPES]
+    lines += [define("NAME_ENCODER_" + t.upper(), t) for t in SIDECAR_ENCODERS]
     lines += [define("NAME_POOLING_" + p.upper(), p) for p in POOLINGS]
     lines.append("")
     lines.append("// tensor names: printf formats, %d = read-layer position {r}, block {k} or inject layer {l}")

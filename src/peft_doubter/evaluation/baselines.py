@@ -39,6 +39,8 @@ def _signals(features: Sequence[PassOneFeatures]) -> dict[str, np.ndarray]:
     if all(f.token_logprobs for f in features):
         out["first_token_logprob"] = np.array([f.token_logprobs[0] for f in features], dtype=np.float64)
         out["min_token_logprob"] = np.array([min(f.token_logprobs) for f in features], dtype=np.float64)
+        out["sequence_logprob"] = np.array([sum(f.token_logprobs) for f in features], dtype=np.float64)
+        out["mean_token_logprob"] = np.array([np.mean(f.token_logprobs) for f in features], dtype=np.float64)
     if all(len(f.option_logprobs) >= 2 for f in features):
         scores = [np.asarray(f.option_logprobs, dtype=np.float64) for f in features]
         out["option_max_logprob"] = np.array([s.max() - np.logaddexp.reduce(s) for s in scores])  # log max softmax
@@ -53,6 +55,8 @@ def _signals(features: Sequence[PassOneFeatures]) -> dict[str, np.ndarray]:
 _TO_UNIT = {  # monotone maps of each signal into [0, 1], keyed by baseline name
     "first_token_logprob": ("p_first_token", np.exp),  # probability of the first answer token
     "min_token_logprob": ("p_min_token", np.exp),  # smallest answer-token probability
+    "sequence_logprob": ("p_sequence", np.exp),  # probability of the whole answer (MSP of the sequence)
+    "mean_token_logprob": ("p_mean_token", np.exp),  # geometric mean of the token probabilities (length-normalised)
     "option_max_logprob": ("option_msp", np.exp),  # max softmax probability over the options
     "logit_margin": ("logit_margin", lambda m: 1.0 - np.exp(-m)),  # 1 - p2 / p1
     "neg_entropy": ("neg_entropy", np.exp),  # exp(-entropy)
@@ -63,6 +67,7 @@ def answer_probability_scores(features: Sequence[PassOneFeatures]) -> dict[str, 
     """The answer-probability baselines available for these questions, each a confidence in [0, 1].
 
     ``p_first_token`` = p(first answer token); ``p_min_token`` = min over answer tokens of p(token);
+    ``p_sequence`` = p(answer) = the product over its tokens; ``p_mean_token`` = their geometric mean;
     ``option_msp`` = max softmax over ``option_logprobs``; ``logit_margin`` = ``1 - exp(-(l1 - l2))`` = 1 - p2/p1
     at the first answer token; ``neg_entropy`` = ``exp(-H)`` of the first answer token's distribution.
     """
@@ -132,6 +137,40 @@ class LogisticProbe:
         return self._search.predict_proba(np.asarray(X, dtype=np.float64))[:, 1]
 
 
+def answer_token_summary(states: Sequence[np.ndarray], signals: Sequence[np.ndarray]) -> np.ndarray:
+    """Per question: the mean over the answer's tokens of their read-layer states (L, R, H) and the minimum, mean
+    and maximum of each token signal (L, S), plus the answer length (zeros for an empty answer)."""
+    rows = []
+    for state, signal in zip(states, signals):
+        state, signal = np.asarray(state, dtype=np.float64), np.asarray(signal, dtype=np.float64)
+        if len(state):
+            summary = [state.mean(0).ravel(), signal.min(0), signal.mean(0), signal.max(0), [len(state)]]
+        else:
+            summary = [np.zeros(int(np.prod(state.shape[1:]))), *(np.zeros(signal.shape[1]),) * 3, [0]]
+        rows.append(np.concatenate(summary))
+    return np.stack(rows)
+
+
+class StackedGBM:
+    """Gradient-boosted trees (scikit-learn's `HistGradientBoostingClassifier`, early-stopped on a held-out tenth of
+    the training data) predicting pass-1 correctness."""
+
+    def __init__(self, seed: int = 0) -> None:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        self.model = HistGradientBoostingClassifier(learning_rate=0.05, max_iter=500, max_leaf_nodes=15,
+                                                    l2_regularization=1.0, early_stopping=True,
+                                                    validation_fraction=0.1, n_iter_no_change=30,
+                                                    class_weight="balanced", random_state=seed)
+
+    def fit(self, X: ArrayLike, y: ArrayLike) -> StackedGBM:
+        self.model.fit(np.asarray(X, dtype=np.float64), np.asarray(y).astype(bool))
+        return self
+
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
+        return self.model.predict_proba(np.asarray(X, dtype=np.float64))[:, 1]
+
+
 def baseline_confidences(
     train_features: Sequence[PassOneFeatures],
     train_correct: ArrayLike,
@@ -139,12 +178,16 @@ def baseline_confidences(
     hidden_train: ArrayLike,
     hidden_test: ArrayLike,
     seed: int = 0,
+    extra_train: ArrayLike | None = None,
+    extra_test: ArrayLike | None = None,
 ) -> dict[str, np.ndarray]:
     """Every baseline's confidence on the same test questions.
 
     Keys: ``random``; the answer-probability scores available (see :func:`answer_probability_scores`);
     ``probe`` (:class:`LogisticProbe` on the hidden states); ``probe+answer_prob`` (the probe on the hidden states
-    concatenated with :func:`answer_feature_matrix`). Probes are fit on the train split only.
+    concatenated with :func:`answer_feature_matrix`); with ``extra_*`` features (e.g. :func:`answer_token_summary`,
+    what an answer-reading Doubter sees beyond the read position), the stacked baselines ``stacked_lr`` and
+    ``stacked_gbm`` on the union of all of them. Everything is fit on the train split only.
     """
     hidden_train = np.asarray(hidden_train, dtype=np.float64)
     hidden_test = np.asarray(hidden_test, dtype=np.float64)
@@ -162,4 +205,9 @@ def baseline_confidences(
         x_train = np.hstack([hidden_train, answer_feature_matrix(train_features, names)])
         x_test = np.hstack([hidden_test, answer_feature_matrix(test_features, names)])
         out["probe+answer_prob"] = LogisticProbe(seed=seed).fit(x_train, train_correct).predict_proba(x_test)
+        if extra_train is not None and extra_test is not None:
+            x_train = np.hstack([x_train, np.asarray(extra_train, dtype=np.float64)])
+            x_test = np.hstack([x_test, np.asarray(extra_test, dtype=np.float64)])
+            out["stacked_lr"] = LogisticProbe(seed=seed).fit(x_train, train_correct).predict_proba(x_test)
+            out["stacked_gbm"] = StackedGBM(seed=seed).fit(x_train, train_correct).predict_proba(x_test)
     return out

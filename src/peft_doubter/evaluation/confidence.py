@@ -1,8 +1,9 @@
-"""Honest evaluation of a trained Doubter on held-out questions, beside baselines on exactly the same questions.
+"""The Doubter's confidence on cached questions, and what it writes.
 
-The Doubter's continuous confidence is `P(answer) / (P(answer) + P(refusal))` under pass 2: the teacher-forced
-probabilities of the base's own pass-1 answer and of the canonical refusal, given the cognitive tokens. It ranks
-questions, so it has a full risk–coverage curve. Its text behaviour (greedy two-pass generation) is reported
+The confidence is computed as log-odds (see `peft_doubter.tuner.confidence`): `decision` reads the probability of
+starting the refusal at the end of the prompt in pass 2, `ratio` compares the teacher-forced probabilities of the
+base's own answer and of the refusal. Log-odds keep their precision where the probability saturates, so the ranking
+metrics and the stored per-question scores are exact. Its text behaviour (greedy two-pass generation) is reported
 separately: declined, answered (same or different answer than pass 1) or corrected.
 """
 
@@ -17,13 +18,15 @@ from tqdm.auto import tqdm
 from ..data.collection import stop_token_ids
 from ..data.prompts import LETTERS, first_line
 from ..data.scoring import extract_correction, extract_letter, is_correction, is_refusal, normalize_answer
-from ..data.sequences import align_prompts, target_columns, tokenize_example
+from ..data.sequences import align_prompts, cached_reading, first_target_token, target_columns, tokenize_example
+from ..tuner.capture import Reading
+from ..tuner.confidence import decision_log_odds, ratio_log_odds
 from .baselines import PassOneFeatures
 
 
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
-                          features: torch.Tensor, chat: bool) -> torch.Tensor:
+                          features: torch.Tensor | Reading, chat: bool) -> torch.Tensor:
     """Summed log-probability of each continuation after its prompt under pass 2 (pass 1 from `features`).
     LM-head logits are computed only for the continuation columns."""
     rows = [tokenize_example(tokenizer, p, c, chat) for p, c in zip(prompts, continuations)]
@@ -38,19 +41,54 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     return (logprobs * (targets != -100)).sum(-1).cpu()
 
 
-def doubter_confidence(model, tokenizer, rows: Sequence[dict], refusal: str, mc_format: str, chat: bool,
-                       batch_size: int, progress: bool = True) -> np.ndarray:
-    """P(answer) / (P(answer) + P(refusal)) under pass 2 for each cached question."""
+@torch.no_grad()
+def decision_scores(model, tokenizer, rows: Sequence[dict], refusal: str, chat: bool) -> torch.Tensor:
+    """Decision log-odds (B,) of cached questions: one pass-2 step at the end of each prompt. Rows holding their
+    cached lower-layer states (`prefix_hidden`, from a prompt + target sequence) start pass 2 at the first inject
+    layer; only the prompt's states matter (attention is causal)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sequences = []
+    for row in rows:
+        prompt_ids = tokenizer(row["prompt"], add_special_tokens=not chat)["input_ids"]
+        token = first_target_token(tokenizer, row["prompt"], refusal, chat)
+        sequence = {"input_ids": prompt_ids + [token], "labels": [-100] * len(prompt_ids) + [token]}
+        if "prefix_hidden" in row:
+            sequence["prefix_hidden"] = np.asarray(row["prefix_hidden"], dtype=np.float32)[: len(prompt_ids) + 1]
+        sequences.append(sequence)
+    batch = align_prompts(sequences, pad, prefix="prefix_hidden" if "prefix_hidden" in rows[0] else None)
+    device = model.device
+    attentive = model.peft_config[model.active_adapter].encoder_type == "attentive"
+    decision_column = batch["labels"].shape[1] - 2  # the prompts end in the second-to-last column
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   pass1_features=cached_reading(rows, answer=attentive),
+                   prefix_hidden=batch.get("prefix_hidden"), logits_to_keep=torch.tensor([decision_column])).logits
+    tokens = torch.tensor([seq["input_ids"][-1] for seq in sequences])
+    return decision_log_odds(logits[:, 0], tokens).cpu()
+
+
+def doubter_log_odds(model, tokenizer, rows: Sequence[dict], refusal: str, mc_format: str, chat: bool,
+                     batch_size: int, progress: bool = True) -> np.ndarray:
+    """The Doubter's confidence in each cached question's pass-1 answer, as float64 log-odds (its sigmoid is the
+    confidence), by the adapter's `confidence` (`decision` or `ratio`)."""
+    kind = model.peft_config[model.active_adapter].confidence
+    attentive = model.peft_config[model.active_adapter].encoder_type == "attentive"
     scores = []
     for start in tqdm(range(0, len(rows), batch_size), desc="Doubter confidence", unit="batch", disable=not progress):
         batch = rows[start:start + batch_size]
+        if kind == "decision":
+            scores.append(decision_scores(model, tokenizer, batch, refusal, chat).double().numpy())
+            continue
         answers = [pass1_answer_text(row, mc_format) for row in batch]
         prompts = [row["prompt"] for row in batch] * 2
-        features = torch.as_tensor(np.stack([row["features"] for row in batch])).float().repeat(2, 1, 1)
-        logprobs = continuation_logprobs(model, tokenizer, prompts, answers + [refusal] * len(batch), features, chat)
-        answer_lp, refusal_lp = logprobs[: len(batch)], logprobs[len(batch):]
-        scores.append(torch.sigmoid(answer_lp - refusal_lp).numpy())
+        reading = cached_reading(batch, answer=attentive).repeat(2)
+        logprobs = continuation_logprobs(model, tokenizer, prompts, answers + [refusal] * len(batch), reading, chat)
+        scores.append(ratio_log_odds(logprobs[: len(batch)], logprobs[len(batch):]).numpy())
     return np.concatenate(scores)
+
+
+def sigmoid(log_odds: np.ndarray) -> np.ndarray:
+    """The confidence in [0, 1] from log-odds (float64)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(log_odds, dtype=np.float64)))
 
 
 def pass1_answer_text(row: dict, mc_format: str) -> str:

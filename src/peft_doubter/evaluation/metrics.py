@@ -4,10 +4,10 @@ Conventions used throughout:
 
 * ``correct``: bool array, the oracle: was the base model's pass-1 answer correct.
 * ``confidence``: float array, higher means "more likely correct"; a selective predictor answers the most
-  confident questions first and abstains on the lowest.
-* ``action``: the Doubter's text behaviour per question, one of ``"answered"`` (kept the pass-1 answer),
-  ``"declined"`` (said it is not confident) or ``"corrected"`` (answered differently). A declined question and
-  a question answered differently are never merged.
+  confident questions first and abstains on the lowest. Ranking metrics accept any real scores (e.g. log-odds).
+* ``action``: the Doubter's text behaviour per question, one of ``"answered"`` (wrote an answer, the base's or
+  another), ``"declined"`` (wrote the refusal) or ``"corrected"`` (wrote the self-correction). A declined question
+  and a question answered differently are never merged, and written answers are judged on their own text.
 
 Ties in ``confidence`` are broken by expectation over a uniformly random order inside each tie group, so every
 metric is deterministic and invariant to how tied questions are ordered in the input.
@@ -18,24 +18,21 @@ Only numpy and the standard library are used, so this module is safe to import f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from statistics import NormalDist
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .statistics import (
+    _as_correct,
+    _percentile_interval,
+    _resamples,
+    mcnemar,
+    wilson_interval,
+)
+
 
 ACTIONS = ("answered", "declined", "corrected")
-
-
-def _as_correct(correct: ArrayLike) -> np.ndarray:
-    arr = np.asarray(correct)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError("`correct` must be a non-empty 1-D array.")
-    if not np.isin(arr, (0, 1)).all():
-        raise ValueError("`correct` must contain only booleans or 0/1.")
-    return arr.astype(bool)
 
 
 def _as_pair(correct: ArrayLike, confidence: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +130,8 @@ def auroc(correct: ArrayLike, confidence: ArrayLike) -> float:
 
 
 def prr(correct: ArrayLike, confidence: ArrayLike) -> float:
-    """Prediction rejection ratio ``(AUC_random - AUC_model) / (AUC_random - AUC_oracle)``.
+    """Prediction rejection ratio ``(AUC_random - AUC_model) / (AUC_random - AUC_oracle)`` over the full rejection
+    curve (0 to 100% rejected; LM-Polygraph papers often cap it at 50% rejection, which gives other numbers).
 
     The rejection curve is the error rate of the kept questions as the least confident ones are rejected, i.e.
     the risk–coverage curve (as in LM-Polygraph), so the areas are AURCs: ``AUC_random`` is the base error rate,
@@ -196,115 +194,6 @@ def brier(correct: ArrayLike, confidence: ArrayLike) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class McNemarResult(NamedTuple):
-    statistic: float
-    pvalue: float
-
-
-def wilson_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``k / n``; ``(nan, nan)`` when ``n == 0``."""
-    if n == 0:
-        return math.nan, math.nan
-    if not 0 <= k <= n:
-        raise ValueError(f"Need 0 <= k <= n, got k={k}, n={n}.")
-    z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
-    p = k / n
-    denom = 1.0 + z * z / n
-    center = (p + z * z / (2.0 * n)) / denom
-    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(low), float(high)
-
-
-def _resamples(n: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
-    """Bootstrap index vectors (questions drawn with replacement), one at a time to bound memory."""
-    rng = np.random.default_rng(seed)
-    for _ in range(n_resamples):
-        yield rng.integers(0, n, size=n)
-
-
-def bootstrap_ci(
-    metric_fn: Callable[..., float],
-    *arrays: ArrayLike,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric_fn(*arrays)``, resampling questions (rows of every array jointly).
-
-    Resamples where the metric is undefined (NaN, e.g. AUROC with one class) are dropped.
-    """
-    arrs = [np.asarray(a) for a in arrays]
-    n = arrs[0].shape[0]
-    if any(a.shape[0] != n for a in arrs):
-        raise ValueError("All arrays passed to `bootstrap_ci` must have the same length.")
-    stats = np.array([metric_fn(*(a[i] for a in arrs)) for i in _resamples(n, n_resamples, seed)])
-    return _percentile_interval(stats, alpha)
-
-
-def paired_bootstrap_diff(
-    metric_fn: Callable[[np.ndarray, np.ndarray], float],
-    correct: ArrayLike,
-    conf_a: ArrayLike,
-    conf_b: ArrayLike,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict[str, float]:
-    """Paired bootstrap of ``metric_fn(correct, conf_a) - metric_fn(correct, conf_b)`` on the same questions.
-
-    Returns ``diff`` (on the full data), ``ci_low``/``ci_high`` (percentile interval) and ``pvalue``, the
-    two-sided bootstrap p-value ``min(1, 2 * min(P*(diff <= 0), P*(diff >= 0)))``.
-    """
-    corr = _as_correct(correct)
-    a = np.asarray(conf_a, dtype=np.float64)
-    b = np.asarray(conf_b, dtype=np.float64)
-    if a.shape != corr.shape or b.shape != corr.shape:
-        raise ValueError("`correct`, `conf_a` and `conf_b` must have the same shape.")
-    resamples = _resamples(corr.size, n_resamples, seed)
-    diffs = np.array([metric_fn(corr[i], a[i]) - metric_fn(corr[i], b[i]) for i in resamples])
-    low, high = _percentile_interval(diffs, alpha)
-    finite = diffs[np.isfinite(diffs)]
-    pvalue = min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
-    diff = float(metric_fn(corr, a) - metric_fn(corr, b))
-    return {"diff": diff, "ci_low": low, "ci_high": high, "pvalue": float(pvalue)}
-
-
-def mcnemar(a_correct: ArrayLike, b_correct: ArrayLike, exact_below: int = 25) -> McNemarResult:
-    """McNemar test that two methods, judged on the same questions, have the same accuracy.
-
-    With ``b`` = questions only A got right and ``c`` = only B got right: if ``b + c < exact_below`` the exact
-    two-sided binomial test (statistic ``min(b, c)``); otherwise the chi-square test with continuity correction,
-    statistic ``(|b - c| - 1)^2 / (b + c)`` on 1 degree of freedom.
-    """
-    a = _as_correct(a_correct)
-    b_arr = _as_correct(b_correct)
-    if a.shape != b_arr.shape:
-        raise ValueError("`a_correct` and `b_correct` must have the same shape.")
-    b = int(np.sum(a & ~b_arr))
-    c = int(np.sum(~a & b_arr))
-    m = b + c
-    if m == 0:
-        return McNemarResult(0.0, 1.0)
-    if m < exact_below:
-        tail = sum(math.comb(m, i) for i in range(min(b, c) + 1)) / 2.0**m
-        return McNemarResult(float(min(b, c)), min(1.0, 2.0 * tail))
-    statistic = (abs(b - c) - 1.0) ** 2 / m
-    return McNemarResult(statistic, math.erfc(math.sqrt(statistic / 2.0)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Summaries
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -313,9 +202,11 @@ def _coverage_key(c: float) -> str:
     return f"sel_acc@{100 * c:g}"
 
 
-def _point_metrics(corr: np.ndarray, conf: np.ndarray, coverages: Sequence[float], n_bins: int) -> dict[str, float]:
-    errors, areas = _areas(corr, conf)
-    out = {"accuracy": float(corr.mean()), "auroc": auroc(corr, conf), **areas}
+def _point_metrics(corr: np.ndarray, conf: np.ndarray, coverages: Sequence[float], n_bins: int,
+                   scores: np.ndarray | None = None) -> dict[str, float]:
+    ranked = conf if scores is None else scores
+    errors, areas = _areas(corr, ranked)
+    out = {"accuracy": float(corr.mean()), "auroc": auroc(corr, ranked), **areas}
     out["ece"] = ece(corr, conf, n_bins)
     out["brier"] = brier(corr, conf)
     for c in coverages:
@@ -332,8 +223,12 @@ def summarize(
     seed: int = 0,
     n_bins: int = 15,
     alpha: float = 0.05,
+    scores: ArrayLike | None = None,
 ) -> dict[str, float]:
     """Every ranking and calibration metric with a percentile-bootstrap ``1 - alpha`` interval.
+
+    ``scores`` (any real numbers ordered like ``confidence``, e.g. its log-odds) rank the questions when given, so
+    ranking metrics keep their precision where the confidence saturates; ECE and Brier use ``confidence``.
 
     Flat dict of floats: ``n``, then for each of ``accuracy`` (base accuracy), ``auroc``, ``aurc``, ``eaurc``,
     ``prr``, ``ece``, ``brier`` and ``sel_acc@<100*c>`` for each coverage ``c``: the value on all questions and
@@ -342,8 +237,10 @@ def summarize(
     """
     corr, conf = _as_pair(correct, confidence)
     _check_unit_interval(conf)
-    point = _point_metrics(corr, conf, coverages, n_bins)
-    resampled = [_point_metrics(corr[i], conf[i], coverages, n_bins) for i in _resamples(corr.size, n_resamples, seed)]
+    ranked = None if scores is None else _as_pair(corr, scores)[1]
+    point = _point_metrics(corr, conf, coverages, n_bins, ranked)
+    resampled = [_point_metrics(corr[i], conf[i], coverages, n_bins, None if ranked is None else ranked[i])
+                 for i in _resamples(corr.size, n_resamples, seed)]
     out: dict[str, float] = {"n": corr.size}
     for name, value in point.items():
         low, high = _percentile_interval(np.array([r[name] for r in resampled]), alpha)
@@ -356,27 +253,32 @@ def summarize(
 def text_behaviour(
     action: ArrayLike,
     correct: ArrayLike,
-    correction_correct: ArrayLike | None = None,
+    written_correct: ArrayLike | None = None,
+    answered_same: ArrayLike | None = None,
     alpha: float = 0.05,
 ) -> dict[str, float]:
     """Metrics of what the Doubter actually wrote, with Wilson ``1 - alpha`` intervals for the proportions.
 
-    ``correct`` is the pass-1 oracle; ``correction_correct[i]`` (read only where ``action[i] == "corrected"``)
-    says whether the corrected answer is right. Definitions (D = declined, A = answered, C = corrected, W = base
-    wrong, R = base right, n = all questions):
+    ``correct`` is the pass-1 oracle (the base's own answer); ``written_correct[i]`` says whether the text written
+    for question i is right, judged on that text (read where ``action[i]`` is ``"answered"`` or ``"corrected"``;
+    default: ``correct``, i.e. every answer repeats the base's); ``answered_same[i]`` whether an answered text is the
+    base's pass-1 answer. D = declined, A = answered, C = corrected, W = base wrong, R = base right, n = all:
 
     * ``coverage = (|A| + |C|) / n``: fraction not declined (the Doubter committed to some answer).
     * ``refusal_rate = |D| / n``; ``correction_rate = |C| / n``.
     * ``refusal_precision = |D ∩ W| / |D|``, beside ``refusal_precision_random = |W| / n`` (1 - base accuracy),
       the expected precision of declining questions at random.
-    * ``over_refusal = |D ∩ R| / |D|``: the fraction of declines that threw away a right answer
-      (= 1 - refusal precision); ``correct_declined_rate = |D ∩ R| / |R|``: the fraction of right answers lost.
+    * ``over_refusal = |D ∩ R| / |D|``: the share of declines that threw away a right answer
+      (= 1 - refusal precision; the seeds' definition); ``right_declined_rate = |D ∩ R| / |R|``: the share of the
+      base's right answers that were declined. The two are different numbers with different names.
     * ``refusal_recall = |D ∩ W| / |W|``.
-    * ``correction_accuracy``: fraction of corrections whose new answer is right.
-    * ``total_recovery = (|C ∩ W ∩ correction right| + |D ∩ W|) / |W|``: wrong pass-1 answers that were fixed
-      or withheld.
-    * ``selective_accuracy``: accuracy of the non-declined outputs (A judged by ``correct``, C by
-      ``correction_correct``); ``kept_accuracy``: accuracy of A alone.
+    * ``correction_accuracy``: right corrections / corrections.
+    * ``total_recovery = (|C ∩ W ∩ right| + |D ∩ W|) / |W|``: wrong pass-1 answers that were fixed or withheld.
+    * ``selective_accuracy``: right written outputs / non-declined outputs (A and C, each judged on its own text);
+      ``kept_accuracy``: the same over A alone.
+    * ``answered_differently``: |A whose text is not the base's pass-1 answer|, and how many of those are right.
+    * ``rescued`` = base wrong but written right; ``lost`` = base right but declined or written wrong; McNemar's test
+      of base accuracy against written accuracy on the same questions (a decline counts as not right).
 
     A ratio with an empty denominator is NaN.
     """
@@ -388,16 +290,20 @@ def text_behaviour(
     if unknown:
         raise ValueError(f"`action` values must be one of {ACTIONS}, got {sorted(map(str, unknown))}.")
     answered, declined, corrected = (act == a for a in ACTIONS)
-    if correction_correct is None:
+    if written_correct is None:
         if corrected.any():
-            raise ValueError('`correction_correct` is required when some `action` is "corrected".')
-        fixed = np.zeros_like(corr)
+            raise ValueError('`written_correct` is required when some `action` is "corrected".')
+        written = corr.copy()
     else:
-        fixed = _as_correct(correction_correct)
-        if fixed.shape != corr.shape:
-            raise ValueError("`correction_correct` must have the same shape as `correct`.")
+        written = _as_correct(written_correct)
+        if written.shape != corr.shape:
+            raise ValueError("`written_correct` must have the same shape as `correct`.")
+    same = np.ones_like(corr) if answered_same is None else _as_correct(answered_same)
     wrong = ~corr
-    committed_right = (answered & corr) | (corrected & fixed)
+    committed = answered | corrected
+    right_written = committed & written
+    differently = answered & ~same
+    test = mcnemar(corr, right_written)
 
     counts = {
         "n": corr.size,
@@ -405,20 +311,27 @@ def text_behaviour(
         "n_declined": int(declined.sum()),
         "n_corrected": int(corrected.sum()),
         "n_base_wrong": int(wrong.sum()),
+        "answered_differently": int(differently.sum()),
+        "answered_differently_right": int((differently & written).sum()),
+        "rescued": int((wrong & right_written).sum()),
+        "lost": int((corr & ~right_written).sum()),
+        "mcnemar_statistic": test.statistic,
+        "mcnemar_pvalue": test.pvalue,
     }
     ratios = {
-        "coverage": (int((answered | corrected).sum()), corr.size),
+        "coverage": (int(committed.sum()), corr.size),
         "refusal_rate": (int(declined.sum()), corr.size),
         "correction_rate": (int(corrected.sum()), corr.size),
         "refusal_precision": (int((declined & wrong).sum()), int(declined.sum())),
         "refusal_precision_random": (int(wrong.sum()), corr.size),
         "over_refusal": (int((declined & corr).sum()), int(declined.sum())),
-        "correct_declined_rate": (int((declined & corr).sum()), int(corr.sum())),
+        "right_declined_rate": (int((declined & corr).sum()), int(corr.sum())),
         "refusal_recall": (int((declined & wrong).sum()), int(wrong.sum())),
-        "correction_accuracy": (int((corrected & fixed).sum()), int(corrected.sum())),
-        "total_recovery": (int((corrected & wrong & fixed).sum() + (declined & wrong).sum()), int(wrong.sum())),
-        "selective_accuracy": (int(committed_right.sum()), int((answered | corrected).sum())),
-        "kept_accuracy": (int((answered & corr).sum()), int(answered.sum())),
+        "correction_accuracy": (int((corrected & written).sum()), int(corrected.sum())),
+        "total_recovery": (int((corrected & wrong & written).sum() + (declined & wrong).sum()), int(wrong.sum())),
+        "selective_accuracy": (int(right_written.sum()), int(committed.sum())),
+        "kept_accuracy": (int((answered & written).sum()), int(answered.sum())),
+        "written_accuracy": (int(right_written.sum()), corr.size),
     }
     out: dict[str, float] = dict(counts)
     for name, (k, n) in ratios.items():

@@ -14,15 +14,16 @@ import numpy as np
 from ..data.prompts import gold_answer
 from ..data.scoring import Judge
 from ..names import EVAL_DIR
-from .baselines import answer_probability_scores, baseline_confidences, random_confidence
-from .confidence import doubter_confidence, generate_actions, pass_one_features
-from .metrics import auroc, paired_bootstrap_diff
+from .baselines import answer_probability_scores, answer_token_summary, baseline_confidences, random_confidence
+from .confidence import doubter_log_odds, generate_actions, pass_one_features, sigmoid
+from .metrics import auroc
 from .report import EvaluationReport
 from .risk_control import calibrate, realized
+from .statistics import paired_bootstrap_diff
 
 
 DOUBTER = "doubter"  # the report's name for the Doubter's own scores; every other method is a baseline
-EXAMPLES_KEPT = 40
+EXAMPLES_PER_ACTION = 3  # examples shown per written action (a seeded random sample of the test questions)
 
 
 @dataclass
@@ -60,36 +61,57 @@ def _hidden(rows: Sequence[dict]) -> np.ndarray:
     return np.stack([np.asarray(row["features"]).reshape(-1) for row in rows])
 
 
+def _answer_summary(rows: Sequence[dict]) -> Optional[np.ndarray]:
+    """What an answer-reading Doubter sees beyond the read position (every answer token's states and signals),
+    summarised for the stacked baselines; None for questions without open answers."""
+    if not rows or "answer_states" not in rows[0] or not any(len(row["answer_ids"]) for row in rows):
+        return None
+    return answer_token_summary([row["answer_states"] for row in rows], [row["token_signals"] for row in rows])
+
+
+def _examples(test: Sequence[dict], texts: Sequence[str], actions: Sequence[str], right: Sequence[bool],
+              log_odds: np.ndarray, mc_format: str, seed: int) -> list[dict[str, Any]]:
+    """A seeded random sample of up to `EXAMPLES_PER_ACTION` test questions per written action, with what the
+    Doubter wrote, its confidence and what the base answered."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for action in ("answered", "declined", "corrected"):
+        indices = [i for i, a in enumerate(actions) if a == action]
+        chosen += sorted(rng.choice(indices, size=min(EXAMPLES_PER_ACTION, len(indices)), replace=False).tolist())
+    return [{"question": test[i]["question"], "gold": gold_answer(test[i], mc_format), "pass1": test[i]["pass1_answer"],
+             "pass1_correct": bool(test[i]["correct"]), "doubter": texts[i], "action": actions[i],
+             "written_correct": bool(right[i]), "confidence": float(sigmoid(log_odds[i])),
+             "log_odds": float(log_odds[i])} for i in chosen]
+
+
 def evaluate_doubter(model, tokenizer, train: Sequence[dict], val: Sequence[dict], test: Sequence[dict],
                      config: EvalConfig, *, mc_format: str, chat: bool, judge: Optional[Judge], title: str,
                      meta: dict[str, Any]) -> EvaluationReport:
     """Score the cached `test` questions with the Doubter and every baseline (probes fit on `train`), calibrate the
     decline threshold on `val`, and return the report. `judge` judges generated answers (needed when
-    `config.generate_text`)."""
+    `config.generate_text`). The Doubter is ranked by its log-odds; thresholds are on its confidence in [0, 1]."""
     refusal = model.peft_config[model.active_adapter].refusal_text
     correct = np.array([row["correct"] for row in test], dtype=bool)
-    confidence = doubter_confidence(model, tokenizer, test, refusal, mc_format, chat, config.eval_batch_size)
+    log_odds = doubter_log_odds(model, tokenizer, test, refusal, mc_format, chat, config.eval_batch_size)
+    confidence = sigmoid(log_odds)
     report = EvaluationReport(title=title)
-    report.meta = {**meta, "n": len(test), "train_questions": len(train), "eval_config": dataclasses.asdict(config)}
+    report.meta = {**meta, "n": len(test), "train_questions": len(train), "eval_config": dataclasses.asdict(config),
+                   "confidence": model.peft_config[model.active_adapter].confidence}
     action_kwargs: dict[str, Any] = {}
     if config.generate_text:
         actions, right, changed, texts = generate_actions(model, tokenizer, test, config.eval_batch_size,
                                                           config.max_answer_tokens, refusal, judge, chat, mc_format)
-        action_kwargs = {"action": actions, "correction_correct": right}
-        answered = [(c, r) for a, c, r in zip(actions, changed, right) if a == "answered"]
-        report.meta["answered_differently"] = sum(c for c, _ in answered)
-        report.meta["answered_differently_right"] = sum(c and r for c, r in answered)
-        report.meta["examples"] = [
-            {"question": row["question"], "gold": gold_answer(row, mc_format), "pass1": row["pass1_answer"],
-             "pass1_correct": bool(row["correct"]), "doubter": text, "action": action}
-            for row, text, action in list(zip(test, texts, actions))[:EXAMPLES_KEPT]
-        ]
+        action_kwargs = {"action": actions, "written_correct": right, "answered_same": [not c for c in changed]}
+        report.meta["written"] = [{"action": a, "text": t, "right": r} for a, t, r in zip(actions, texts, right)]
+        report.meta["examples"] = _examples(test, texts, actions, right, log_odds, mc_format, config.bootstrap_seed)
     report.add_method(DOUBTER, correct, confidence, n_resamples=config.n_resamples, seed=config.bootstrap_seed,
-                      **action_kwargs)
+                      scores=log_odds, **action_kwargs)
+    summary_train, summary_test = _answer_summary(train), _answer_summary(test)
     try:
         baselines = baseline_confidences(pass_one_features(train), [r["correct"] for r in train],
                                          pass_one_features(test), _hidden(train), _hidden(test),
-                                         seed=config.bootstrap_seed)
+                                         seed=config.bootstrap_seed, extra_train=summary_train,
+                                         extra_test=summary_test if summary_train is not None else None)
     except ValueError as error:  # e.g. a train split with one class: no probe can be fit
         report.meta["skipped_baselines"] = str(error)
         baselines = {"random": random_confidence(len(test), seed=config.bootstrap_seed),
@@ -97,7 +119,8 @@ def evaluate_doubter(model, tokenizer, train: Sequence[dict], val: Sequence[dict
     for name, scores in baselines.items():
         report.add_method(name, correct, scores, n_resamples=config.n_resamples, seed=config.bootstrap_seed)
 
-    val_confidence = doubter_confidence(model, tokenizer, val, refusal, mc_format, chat, config.eval_batch_size)
+    val_confidence = sigmoid(doubter_log_odds(model, tokenizer, val, refusal, mc_format, chat,
+                                              config.eval_batch_size))
     val_correct = np.array([row["correct"] for row in val], dtype=bool)
     target = config.target_risk if config.target_risk is not None else (1 - val_correct.mean()) / 2
     result = calibrate(target, val_confidence, val_correct, delta=config.delta)
@@ -107,14 +130,9 @@ def evaluate_doubter(model, tokenizer, train: Sequence[dict], val: Sequence[dict
             if not np.isclose(sweep_target, target):
                 swept = calibrate(float(sweep_target), val_confidence, val_correct, delta=config.delta)
                 report.add_risk_control(DOUBTER, swept, realized(swept.threshold, confidence, correct))
-
-    # Per-question scores, so a report can be re-analysed (other thresholds, other metrics) without the model.
-    report.meta["scores"] = {"test": {name: [round(float(x), 6) for x in scores] for name, scores in
-                                      {DOUBTER: confidence, **baselines}.items()},
-                             "val_doubter": [round(float(x), 6) for x in val_confidence],
-                             "val_correct": val_correct.tolist()}
+    report.meta["validation"] = {"confidence": val_confidence.tolist(), "correct": val_correct.tolist()}
     report.meta["paired_auroc_vs_baselines"] = {
-        name: paired_bootstrap_diff(auroc, correct, confidence, scores, n_resamples=config.n_resamples,
+        name: paired_bootstrap_diff(auroc, correct, log_odds, scores, n_resamples=config.n_resamples,
                                     seed=config.bootstrap_seed)
         for name, scores in baselines.items()
     }

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .metrics import risk_coverage_curve, summarize, text_behaviour
+from .metrics import _point_metrics, risk_coverage_curve, summarize, text_behaviour
 from .risk_control import RealizedRisk, RiskControlResult
 
 
@@ -32,6 +32,8 @@ class EvaluationReport:
     """Per-method summaries on one shared set of test questions (JSON-serializable).
 
     ``correct`` is the pass-1 oracle of those questions; :meth:`add_method` refuses a method scored on others.
+    ``scores`` keeps, per method, the per-question numbers it was ranked by (full float precision) and, where they
+    differ, its confidence in [0, 1]: every reported metric can be recomputed from the report alone.
     """
 
     title: str = "Selective prediction"
@@ -40,6 +42,7 @@ class EvaluationReport:
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # name -> {"coverage", "risk"}
     text_behaviour: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> metrics.text_behaviour()
     risk_control: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # name -> {"scores", ["confidence"]}
     meta: dict[str, Any] = field(default_factory=dict)
 
     def add_method(
@@ -48,23 +51,38 @@ class EvaluationReport:
         correct: ArrayLike,
         confidence: ArrayLike,
         action: ArrayLike | None = None,
-        correction_correct: ArrayLike | None = None,
+        written_correct: ArrayLike | None = None,
+        answered_same: ArrayLike | None = None,
         coverages: Sequence[float] = (0.2, 0.5, 0.8),
         n_resamples: int = 1000,
         seed: int = 0,
+        scores: ArrayLike | None = None,
     ) -> dict[str, float]:
-        """Summarize one method (and its text behaviour when ``action`` is given); returns the summary."""
+        """Summarize one method (and its text behaviour when ``action`` is given); returns the summary. ``scores``
+        rank the questions when given (e.g. the log-odds of ``confidence``); both are stored in the report."""
         corr = [int(c) for c in np.asarray(correct).astype(bool)]
         if not self.correct:
             self.correct = corr
         elif corr != self.correct:
             raise ValueError(f"Method {name!r} was scored on different questions: every method must share `correct`.")
-        self.methods[name] = summarize(corr, confidence, coverages=coverages, n_resamples=n_resamples, seed=seed)
-        cov, risk = risk_coverage_curve(corr, confidence)
+        self.methods[name] = summarize(corr, confidence, coverages=coverages, n_resamples=n_resamples, seed=seed,
+                                       scores=scores)
+        ranked = confidence if scores is None else scores
+        cov, risk = risk_coverage_curve(corr, ranked)
         self.curves[name] = {"coverage": cov.tolist(), "risk": risk.tolist()}
+        self.scores[name] = {"scores": [float(x) for x in np.asarray(ranked, dtype=np.float64)]}
+        if scores is not None:
+            self.scores[name]["confidence"] = [float(x) for x in np.asarray(confidence, dtype=np.float64)]
         if action is not None:
-            self.text_behaviour[name] = text_behaviour(action, corr, correction_correct)
+            self.text_behaviour[name] = text_behaviour(action, corr, written_correct, answered_same)
         return self.methods[name]
+
+    def recomputed(self, name: str, coverages: Sequence[float] = (0.2, 0.5, 0.8)) -> dict[str, float]:
+        """Method `name`'s point metrics recomputed from the per-question scores stored in the report."""
+        stored = self.scores[name]
+        confidence = stored.get("confidence", stored["scores"])
+        return _point_metrics(np.asarray(self.correct, dtype=bool), np.asarray(confidence, dtype=np.float64),
+                              coverages, 15, np.asarray(stored["scores"], dtype=np.float64))
 
     def add_risk_control(self, name: str, result: RiskControlResult, test: RealizedRisk) -> None:
         """Record a calibrated threshold and what it realised on the test split."""
@@ -137,27 +155,39 @@ def _ranking_table(methods: Mapping[str, Mapping[str, float | None]]) -> list[st
         + [_fmt(m.get("ece")), _fmt(m.get("brier"))]
         for name, m in methods.items()
     ]
-    return ["## Ranking and calibration", "", *_table(header, rows)]
+    notes = [("Ranked by each method's scores (the Doubter's: log-odds). PRR over the full rejection curve (0-100% "
+              "rejected; LM-Polygraph papers often cap it at 50%). Selective accuracy at c% coverage: accuracy of the "
+              "c% most confident questions. ECE: 15 equal-width bins. Baselines that are not probabilities (margin, "
+              "entropy) are mapped into [0, 1] by a monotone transform: their ECE and Brier describe that transform."),
+             ""]
+    return ["## Ranking and calibration", "", *_table(header, rows), *notes]
 
 
 def _text_table(behaviour: Mapping[str, Mapping[str, float | None]]) -> list[str]:
     header = [
         "Method", "Coverage", "Refusal rate", "Refusal precision [CI]", "Random level", "Over-refusal",
-        "Right answers declined", "Correction acc.", "Total recovery", "Sel. acc. of answered [CI]",
+        "Right answers declined", "Answered differently (right)", "Sel. acc. of answered [CI]", "Written accuracy",
+        "Rescued / lost", "McNemar p",
     ]
     rows = [
         [
             name, _fmt(b.get("coverage")), _fmt(b.get("refusal_rate")), _with_ci(b, "refusal_precision"),
-            _fmt(b.get("refusal_precision_random")), _fmt(b.get("over_refusal")), _fmt(b.get("correct_declined_rate")),
-            _fmt(b.get("correction_accuracy")), _fmt(b.get("total_recovery")), _with_ci(b, "selective_accuracy"),
+            _fmt(b.get("refusal_precision_random")), _fmt(b.get("over_refusal")), _fmt(b.get("right_declined_rate")),
+            f"{b.get('answered_differently', 0)} ({b.get('answered_differently_right', 0)})",
+            _with_ci(b, "selective_accuracy"), _fmt(b.get("written_accuracy")),
+            f"{b.get('rescued', 0)} / {b.get('lost', 0)}", _fmt(b.get("mcnemar_pvalue")),
         ]
         for name, b in behaviour.items()
     ]
     notes = [
-        ("Declined and answered-differently (corrected) are counted apart. Coverage: fraction not declined. "
-         "Refusal precision: declines where the base answer was wrong / declines; random level: 1 - base accuracy. "
-         "Over-refusal: declines where the base answer was right / declines. Right answers declined: / right "
-         "answers. Total recovery: (successful corrections + declines of wrong answers) / wrong answers."),
+        ("What greedy two-pass generation wrote, each answer judged on its own text (never by the pass-1 oracle). "
+         "Coverage: share not declined. Refusal precision: declines of questions the base got wrong / declines; "
+         "random level: 1 - base accuracy. Over-refusal: declines of questions the base got right / declines "
+         "(= 1 - refusal precision). Right answers declined: declines of questions the base got right / questions "
+         "the base got right. Answered differently: written answers other than the base's pass-1 answer (how many "
+         "of them are right). Sel. acc. of answered: right written answers / written answers. Written accuracy: "
+         "right written answers / all questions (a decline is not right), against the base accuracy with "
+         "McNemar's test; rescued: base wrong, written right; lost: base right, declined or written wrong."),
         "",
     ]
     return ["## Text behaviour", "", *_table(header, rows), *notes]

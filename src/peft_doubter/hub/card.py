@@ -160,9 +160,9 @@ def _over_refusal_text(behaviour: Optional[Mapping[str, Optional[float]]]) -> st
     def pct(key: str) -> str:
         return "–" if behaviour.get(key) is None else f"{100 * behaviour[key]:.1f}%"
 
-    return (f"On the test questions, {pct('over_refusal')} of its refusals were questions the base model would have "
-            f"answered correctly; it declined {pct('correct_declined_rate')} of the right answers (coverage "
-            f"{pct('coverage')}).")
+    return (f"On the test questions its over-refusal was {pct('over_refusal')}: that share of its refusals were "
+            f"questions the base model would have answered correctly; it declined {pct('right_declined_rate')} of the "
+            f"base's right answers (coverage {pct('coverage')}).")
 
 
 def _evaluation_vars(report: EvaluationReport, dataset: str) -> tuple[dict, list[EvalResult]]:

@@ -27,6 +27,7 @@ from ..evaluation.report import EvaluationReport
 from ..names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_MANIFEST, SIDECAR_FILE
 from ..paths import fetch_file
 from ..tuner.config import DoubterConfig
+from ..tuner.loading import check_adapter_weights, read_adapter_config
 from ..tuner.registry import DOUBTER_PEFT_TYPE
 from .card import EVAL_FILES, RUN_FILES, BaseModelInfo, base_model_info, doubter_card
 
@@ -219,14 +220,16 @@ def check_doubter_repo(
         raise FileNotFoundError(
             f"{repo_id_or_path} has no {ADAPTER_CONFIG}: it is not a PEFT adapter, so not a Doubter."
         ) from error
-    data = _read_json(path)
-    peft_type = data.get("peft_type")
+    try:
+        peft_type = _read_json(path).get("peft_type")
+    except (ValueError, AttributeError):  # not JSON, or not an object: `read_adapter_config` says which
+        peft_type = DOUBTER_PEFT_TYPE.value
     if peft_type != DOUBTER_PEFT_TYPE.value:
         raise ValueError(
             f"{repo_id_or_path} is a {peft_type} adapter, not a Doubter ({ADAPTER_CONFIG} has peft_type "
             f"{peft_type!r}, expected {DOUBTER_PEFT_TYPE.value!r}); load it with `PeftModel.from_pretrained`."
         )
-    return DoubterConfig.from_pretrained(str(path.parent))
+    return read_adapter_config(path)
 
 
 def load_doubter(
@@ -241,6 +244,12 @@ def load_doubter(
     """Attach a Doubter from a Hub repo or local directory to `base_model` (in eval mode unless trainable), after
     checking that the adapter is a Doubter (see `check_doubter_repo`)."""
     config = check_doubter_repo(repo_id_or_path, revision, token=token)
+    try:
+        weights = fetch_file(repo_id_or_path, ADAPTER_WEIGHTS, revision, token)
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"{repo_id_or_path} has no {ADAPTER_WEIGHTS}: the adapter's weights are missing "
+                                "(safetensors only; pickled weights are never loaded).") from None
+    check_adapter_weights(weights)
     return PeftModel.from_pretrained(
         base_model, str(repo_id_or_path), adapter_name=adapter_name, is_trainable=is_trainable, config=config,
         revision=revision, token=token,

@@ -15,12 +15,16 @@ class DoubterSFTConfig(SFTConfig):
     """Training arguments of the Doubter's two-pass loss.
 
     Changed defaults of `SFTConfig` (grouped as in TRL):
-    - schedule: `learning_rate=2e-4`, cosine with 5% warm-up, 6 epochs with early stopping on validation loss;
-    - batches: 8 per device, gradient accumulation 4 (effective 32), rows of similar length together;
+    - schedule: `learning_rate=2e-4`, cosine with 5% warm-up, 6 epochs with early stopping on validation AUROC of
+      the decision confidence;
+    - batches: 32 random rows per step (the ranking loss pairs the right and wrong answers of a batch, so rows are
+      not grouped by length, which would separate them); no gradient checkpointing: the frozen base's activations of
+      a small model fit easily and recomputing them costs a forward pass per step (turn it on for big bases);
     - data: rows are tokenized by `peft_doubter.training.targets` (prompt labels -100) and carry pass-1 features, so TRL's
       dataset preparation is skipped and unused columns are kept for the collator;
-    - evaluation and checkpoints every epoch, the best (lowest `eval_loss`) reloaded at the end; no reporting;
-    - bf16 only where the hardware supports it (TRL's default would fail on CPU).
+    - evaluation and checkpoints every epoch, the best (highest `eval_auroc`) reloaded at the end; no reporting;
+    - bf16 only where the hardware supports it (TRL's default would fail on CPU); no pinned memory without an
+      accelerator.
     """
 
     gate_lr_multiplier: float = field(
@@ -39,25 +43,38 @@ class DoubterSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Feed cached pass-1 features (pass 2 only). False runs both passes every step."},
     )
+    confidence_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the class-balanced BCE on the decision confidence (confidence='decision')."},
+    )
+    ranking_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the pairwise ranking loss on the decision confidence (AUROC's surrogate)."},
+    )
 
     learning_rate: float = field(default=2e-4, metadata={"help": "Base learning rate (AdamW)."})
     lr_scheduler_type: Union[SchedulerType, str] = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_ratio: Optional[float] = field(default=0.05, metadata={"help": "Share of steps for linear warm-up."})
     num_train_epochs: float = field(default=6.0, metadata={"help": "Maximum epochs (early stopping guards)."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Evaluation batch size per device."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Gradient accumulation steps."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass (saves memory on big bases)."}
+    )
     eval_strategy: Union[IntervalStrategy, str] = field(default="epoch", metadata={"help": "When to evaluate."})
     save_strategy: Union[SaveStrategy, str] = field(default="epoch", metadata={"help": "When to save a checkpoint."})
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint."})
-    metric_for_best_model: Optional[str] = field(default="eval_loss", metadata={"help": "Checkpoint selection."})
-    greater_is_better: Optional[bool] = field(default=False, metadata={"help": "Lower eval loss is better."})
+    metric_for_best_model: Optional[str] = field(
+        default="auroc", metadata={"help": "Checkpoint selection: validation AUROC of the decision confidence."}
+    )
+    greater_is_better: Optional[bool] = field(default=True, metadata={"help": "Higher AUROC is better."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     report_to: Union[None, str, list[str]] = field(default="none", metadata={"help": "Integrations to report to."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the collator's columns."})
     train_sampling_strategy: str = field(
-        default="group_by_length", metadata={"help": "Batch rows of similar length (less padding)."}
+        default="random", metadata={"help": "Random batches (grouping by length would separate right and wrong)."}
     )
     dataset_kwargs: Optional[dict[str, Any]] = field(
         default_factory=lambda: {"skip_prepare_dataset": True},
@@ -67,6 +84,8 @@ class DoubterSFTConfig(SFTConfig):
     def __post_init__(self) -> None:
         if self.bf16 is None:  # TRL turns bf16 on by default; only where the hardware has it
             self.bf16 = not self.fp16 and not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False
         super().__post_init__()
         if self.gate_lr_multiplier <= 0:
             raise ValueError(f"`gate_lr_multiplier` must be > 0, got {self.gate_lr_multiplier}.")

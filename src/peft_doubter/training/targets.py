@@ -8,7 +8,7 @@ from typing import Any, Literal
 import datasets
 
 from ..data.prompts import gold_answer
-from ..data.sequences import tokenize_example
+from ..data.sequences import first_target_token, tokenize_example
 from ..names import CORRECTION_PREFIX
 from ..tuner.config import DoubterConfig
 
@@ -32,15 +32,23 @@ def choose_target(row: dict[str, Any], config: DoubterConfig, mc_format: str, se
     return config.refusal_text, "refuse"
 
 
+READING_COLUMNS = ("answer_states", "token_signals")  # cache columns the `attentive` encoder reads besides features
+
+
 def build_training_set(cache: datasets.Dataset, tokenizer, config: DoubterConfig, mc_format: str, chat: bool,
                        seed: int = 0) -> datasets.Dataset:
-    """Tokenized two-pass training rows (with the cached pass-1 features) for every cached question."""
+    """Tokenized two-pass rows for every cached question: prompt + target (`input_ids`, `labels`), the target's
+    `action`, pass 1's cached reading (`pass1_features`, and for the `attentive` encoder the answer's token states
+    and signals), the oracle (`correct`) and the refusal's first token (`refusal_token`: where the decision
+    confidence is read)."""
 
     def convert(row: dict[str, Any]) -> dict[str, Any]:
         target, action = choose_target(row, config, mc_format, seed)
         return {**tokenize_example(tokenizer, row["prompt"], target, chat), "action": action,
-                "pass1_features": row["features"]}
+                "pass1_features": row["features"],
+                "refusal_token": first_target_token(tokenizer, row["prompt"], config.refusal_text, chat)}
 
-    keep = ["input_ids", "labels", "pass1_features", "action", "id", "correct"]
+    reading = list(READING_COLUMNS) if config.encoder_type == "attentive" else []
+    keep = ["input_ids", "labels", "pass1_features", "action", "id", "correct", "refusal_token", *reading]
     converted = cache.map(convert, desc="Building targets")
     return converted.remove_columns([c for c in converted.column_names if c not in keep])

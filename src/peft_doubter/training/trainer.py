@@ -1,11 +1,13 @@
 """`DoubterTrainer`: TRL's `SFTTrainer` for the Doubter's two-pass loss.
 
-The loss is the completion-only cross-entropy. LM-head logits are computed only in the target columns (prompts are
-aligned to end in one column, so the targets of a batch share a few columns): Gemma's vocabulary has 262k entries,
-so full logits would dominate time and memory. TRL's fused LM head does the same job but measured several times
-slower than the full-logits step on CPU here (`benchmarks/bench_training.py`), so `compute_loss` slices logits
-through `logits_to_keep` instead. Rows carrying cached pass-1 features (`pass1_features`) run pass 2 only. Gates and
-token preferences learn `gate_lr_multiplier` times faster.
+The loss is the completion-only cross-entropy plus, for the decision confidence, a loss on the number that is
+evaluated: class-balanced BCE of the decision log-odds against the oracle and a pairwise logistic ranking loss
+(every right answer above every wrong one in the batch: AUROC's surrogate). LM-head logits are computed only in
+the target columns (prompts are aligned to end in one column, so the targets of a batch share a few columns, and
+the decision is read in the first of them): Gemma's vocabulary has 262k entries, so full logits would dominate time
+and memory. Rows carrying pass 1's cached reading (`pass1_features`) run pass 2 only, and rows carrying the cached
+states entering the first inject layer (`prefix_hidden`) start pass 2 there. Checkpoints are chosen on validation
+AUROC of the decision confidence. Gates and token preferences learn `gate_lr_multiplier` times faster.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from peft import PeftModel
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import EarlyStoppingCallback
+from transformers import EarlyStoppingCallback, EvalPrediction
 from trl import SFTTrainer
 
-from ..data.sequences import align_prompts, target_columns
+from ..data.sequences import align_prompts, cached_reading, target_columns
+from ..tuner.confidence import decision_log_odds
 from ..tuner.model import DoubterModel
 from .config import DoubterSFTConfig
 
@@ -31,22 +36,30 @@ FAST_PARAMETERS = ("gate", "gates", "token_preference")
 
 @dataclass
 class DoubterCollator:
-    """Batches prompt+target rows with aligned prompt ends (see `align_prompts`); stacks cached pass-1 features
-    when the rows carry them and they are used."""
+    """Batches prompt+target rows with aligned prompt ends (see `align_prompts`), with pass 1's cached reading
+    (when used), the cached lower-layer states (when the rows carry them), the oracle and the refusal's first
+    token."""
 
     pad_token_id: int
     use_cached_features: bool = True
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = align_prompts(list(rows), self.pad_token_id)
-        if self.use_cached_features and "pass1_features" in rows[0]:
-            batch["pass1_features"] = torch.stack([torch.as_tensor(row["pass1_features"]) for row in rows]).float()
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        cached = self.use_cached_features and "pass1_features" in rows[0]
+        batch: dict[str, Any] = align_prompts(list(rows), self.pad_token_id,
+                                              prefix="prefix_hidden" if cached and "prefix_hidden" in rows[0]
+                                              else None)
+        if cached:
+            batch["pass1_features"] = cached_reading(rows, "pass1_features")
+        if "correct" in rows[0]:
+            batch["correct"] = torch.tensor([bool(row["correct"]) for row in rows])
+            batch["refusal_token"] = torch.tensor([int(row["refusal_token"]) for row in rows])
         return batch
 
 
-def target_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None
+def target_loss(model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                 ) -> tuple[torch.Tensor, Any]:
-    """(mean cross-entropy over target tokens, model outputs), with LM-head logits only in the target columns."""
+    """(mean cross-entropy over target tokens, model outputs), with LM-head logits only in the target columns; the
+    first kept column is the last prompt position, where the decision is read."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     columns = target_columns(labels)
@@ -56,6 +69,25 @@ def target_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_
                                        ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
+
+
+def confidence_loss(log_odds: torch.Tensor, correct: torch.Tensor, pos_weight: float, bce_weight: float,
+                    ranking_weight: float) -> torch.Tensor:
+    """Class-balanced BCE of the log-odds against the oracle plus the pairwise logistic ranking loss
+    mean softplus(d_wrong - d_right) over the batch's (right, wrong) pairs (0 without both classes)."""
+    target = correct.float()
+    bce = nn.functional.binary_cross_entropy_with_logits(
+        log_odds, target, pos_weight=torch.as_tensor(pos_weight, device=log_odds.device))
+    right, wrong = log_odds[correct.bool()], log_odds[~correct.bool()]
+    ranking = (nn.functional.softplus(wrong[None, :] - right[:, None]).mean() if len(right) and len(wrong)
+               else log_odds.new_zeros(()))
+    return bce_weight * bce + ranking_weight * ranking
+
+
+def auroc_metric(prediction: EvalPrediction) -> dict[str, float]:
+    """Validation AUROC of the decision confidence (NaN with one class)."""
+    scores, correct = np.asarray(prediction.predictions).ravel(), np.asarray(prediction.label_ids).ravel()
+    return {"auroc": float(roc_auc_score(correct, scores)) if 0 < correct.sum() < len(correct) else float("nan")}
 
 
 def is_fast_parameter(name: str) -> bool:
@@ -123,6 +155,15 @@ class DoubterTrainer(SFTTrainer):
         if processing_class is None:
             raise ValueError("DoubterTrainer needs `processing_class` (the base model's tokenizer).")
         args = args or DoubterSFTConfig(output_dir="doubter-output")
+        self.decision = model.peft_config[model.active_adapter].confidence == "decision"
+        if not self.decision and args.metric_for_best_model in ("auroc", "eval_auroc"):
+            raise ValueError("Checkpoints are chosen on the validation AUROC of the decision confidence; with "
+                             "confidence='ratio' set `metric_for_best_model='loss'` and `greater_is_better=False`.")
+        if self.decision and kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = auroc_metric
+        labelled = train_dataset is not None and "correct" in train_dataset.column_names
+        correct = np.asarray(train_dataset["correct"], dtype=bool) if labelled else np.ones(1, dtype=bool)
+        self.pos_weight = float(np.clip((~correct).sum() / max(1, correct.sum()), 1.0, 20.0))
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else 0
         data_collator = data_collator or DoubterCollator(pad, use_cached_features=args.train_from_cache)
         callbacks = list(callbacks or [])
@@ -148,13 +189,32 @@ class DoubterTrainer(SFTTrainer):
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Cross-entropy of the target tokens, with LM-head logits only in the target columns."""
+        """Cross-entropy of the target tokens (LM-head logits only in the target columns), plus the confidence loss
+        on the decision log-odds (`confidence_loss`), divided by the accumulation steps like the LM loss."""
+        inputs = dict(inputs)
+        correct, refusal_token = inputs.pop("correct", None), inputs.pop("refusal_token", None)
         loss, outputs = target_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
+        weights = (self.args.confidence_loss_weight, self.args.ranking_loss_weight)
+        if self.decision and correct is not None and any(weights):
+            outputs.decision_log_odds = decision_log_odds(outputs.logits[:, 0], refusal_token)
+            extra = confidence_loss(outputs.decision_log_odds, correct, self.pos_weight, *weights)
+            loss = loss + extra / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: Optional[list[str]] = None) -> tuple[Any, Any, Any]:
+        """(loss, decision log-odds, oracle) of an evaluation batch, for the validation AUROC."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            if prediction_loss_only or not self.decision:
+                return loss.detach(), None, None
+            scores = decision_log_odds(outputs.logits[:, 0], inputs["refusal_token"])
+        return loss.detach(), scores.detach().float(), inputs["correct"].float()
 
     def pretrain_projectors(self) -> list[float]:
         """Probe pre-training of the projectors on the training rows' cached features and correctness."""

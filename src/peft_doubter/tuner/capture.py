@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 
+TOP_K_SIGNALS = 4  # top-k log-probabilities kept per answer token
+TOKEN_SIGNALS = ("logprob", "entropy", *(f"top{k + 1}" for k in range(TOP_K_SIGNALS)))
+
+
 class StopForward(Exception):
     """Raised by a layer hook to end a forward pass early (pass 1 needs no upper layers and no LM head)."""
 
@@ -57,6 +61,53 @@ class Capture:
     def stacked(self) -> torch.Tensor:
         return torch.stack([self.features[i] for i in self.read_layers], dim=1).float()  # (B, R, D_in)
 
+
+
+@dataclass
+class Reading:
+    """What pass 1 hands the encoder. `features` (B, R, D): the read layers' states at the read position, pooled;
+    with an answer read (`read_position='answer'`) also every answer token's states and signals, zero-padded:
+    `answer_states` (B, L, R, H) divided by their own RMS per vector (encoders start with a LayerNorm, which that
+    scale does not change; it keeps Gemma's residual stream, up to 1e5 at late layers, within float16),
+    `answer_mask` (B, L) and `token_signals` (B, L, S) with the columns of `TOKEN_SIGNALS`."""
+
+    features: torch.Tensor
+    answer_states: Optional[torch.Tensor] = None
+    answer_mask: Optional[torch.Tensor] = None
+    token_signals: Optional[torch.Tensor] = None
+
+    def to(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+           non_blocking: bool = False) -> Reading:
+        """Moved to `device`; floating tensors cast to `dtype` when given (Trainer moves batches this way too)."""
+        def move(x: Optional[torch.Tensor], floating: bool = True) -> Optional[torch.Tensor]:
+            if x is None:
+                return None
+            return x.to(device, dtype if floating else None, non_blocking=non_blocking)
+
+        return Reading(move(self.features), move(self.answer_states), move(self.answer_mask, False),
+                       move(self.token_signals))
+
+    def repeat(self, times: int) -> Reading:
+        """The same reading for `times` copies of the batch (e.g. scoring two continuations per question)."""
+        def rep(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if x is None else x.repeat(times, *([1] * (x.ndim - 1)))
+
+        return Reading(rep(self.features), rep(self.answer_states), rep(self.answer_mask), rep(self.token_signals))
+
+
+def rms_normalized(states: torch.Tensor) -> torch.Tensor:
+    """`states / rms(states)` over the last dimension (what `Reading.answer_states` holds)."""
+    return states / states.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6).to(states.dtype)
+
+
+def token_signals(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token signals (L, S) of a generated answer from its step logits (L, V) and tokens (L,): the token's
+    log-probability, the entropy of the distribution and its top-k log-probabilities (`TOKEN_SIGNALS`)."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    top = logprobs.topk(TOP_K_SIGNALS, dim=-1).values
+    return torch.cat([chosen[:, None], entropy[:, None], top], dim=-1)
 
 
 @contextlib.contextmanager

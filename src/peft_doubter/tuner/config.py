@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from peft import PeftConfig
 
-from ..names import DEFAULT_REFUSAL, ENCODER_TYPES, LAYER_SPEC_WORDS, POOLINGS, READ_POSITIONS
+from ..names import CONFIDENCES, DEFAULT_REFUSAL, ENCODER_TYPES, LAYER_SPEC_WORDS, POOLINGS, READ_POSITIONS
 from .registry import DOUBTER_PEFT_TYPE
 
 
@@ -68,8 +69,9 @@ class DoubterConfig(PeftConfig):
     encoder_type: str = field(
         default="selective",
         metadata={
-            "help": "Cognitive encoder: 'selective' (one token per read layer), 'multi_token' (learned queries) "
-            "or 'transformer' (two self-attention blocks over the layer tokens)."
+            "help": "Cognitive encoder: 'selective' (one token per read layer), 'multi_token' (learned queries), "
+            "'transformer' (two self-attention blocks over the layer tokens) or 'attentive' (one token per read "
+            "layer plus `answer_tokens` pooled over every token of the base's own answer and its signals)."
         },
     )
     pooling: str = field(
@@ -89,6 +91,19 @@ class DoubterConfig(PeftConfig):
     )
     max_draft_tokens: int = field(
         default=16, metadata={"help": "With read_position='answer': longest draft answer of pass 1 in generation."}
+    )
+    answer_tokens: int = field(
+        default=4,
+        metadata={"help": "With encoder_type='attentive': cognitive tokens pooled by learned queries over the tokens "
+                  "of the base's own answer (added to the one token per read layer)."},
+    )
+    confidence: str = field(
+        default="decision",
+        metadata={
+            "help": "The confidence the Doubter reports, ranks and is thresholded on: 'decision' (1 - the "
+            "probability that pass 2 starts the refusal, at the first answer position; independent of the answer's "
+            "length) or 'ratio' (P(answer) / (P(answer) + P(refusal)) of the teacher-forced sequences)."
+        },
     )
     num_cognitive_tokens: Optional[int] = field(
         default=None,
@@ -201,12 +216,17 @@ class DoubterConfig(PeftConfig):
             raise ValueError(f"`pooling` must be one of {POOLINGS}, got {self.pooling!r}.")
         if self.read_position not in READ_POSITIONS:
             raise ValueError(f"`read_position` must be one of {READ_POSITIONS}, got {self.read_position!r}.")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"`confidence` must be one of {CONFIDENCES}, got {self.confidence!r}.")
+        if self.encoder_type == "attentive" and (self.read_position != "answer" or self.pooling != "last"):
+            raise ValueError("`encoder_type='attentive'` reads every token of the base's own answer: it needs "
+                             "`read_position='answer'` and `pooling='last'`.")
         if self.num_cognitive_tokens is not None and (
             not isinstance(self.num_cognitive_tokens, int) or self.num_cognitive_tokens < 1
         ):
             raise ValueError(f"`num_cognitive_tokens` must be a positive integer, got {self.num_cognitive_tokens!r}.")
         for name in ("encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads", "refresh_interval",
-                     "max_draft_tokens"):
+                     "max_draft_tokens", "answer_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -215,6 +235,18 @@ class DoubterConfig(PeftConfig):
                 raise ValueError(
                     f"`{name}` ({getattr(self, name)}) must be divisible by `ca_num_heads` ({self.ca_num_heads})."
                 )
+        for name in ("ca_gate_init", "encoder_gate_init", "agc_floor", "agc_tau", "correction_ratio",
+                     "refresh_threshold", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        for name in ("ca_scale_by_rms", "dynamic_gates", "enable_self_correction", "agc_enabled", "dynamic_refresh",
+                     "init_weights", "check_base_fingerprint"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")  # noqa: TRY004
+        if self.dynamic_gates and not 0.0 < math.tanh(self.encoder_gate_init) < 1.0:
+            raise ValueError(f"`encoder_gate_init` must be > 0 with dynamic gates (their start is tanh of it, "
+                             f"a sigmoid's value), got {self.encoder_gate_init}.")
         if not 0.0 <= self.agc_floor <= 1.0:
             raise ValueError(f"`agc_floor` must lie in [0, 1], got {self.agc_floor}.")
         if self.agc_tau <= 0:
@@ -225,8 +257,16 @@ class DoubterConfig(PeftConfig):
             raise ValueError(f"`refresh_threshold` is a cosine similarity in [-1, 1], got {self.refresh_threshold}.")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be > 0, got {self.layer_norm_eps}.")
-        if not self.refusal_text.strip():
-            raise ValueError("`refusal_text` must not be empty.")
+        if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
+            raise ValueError(f"`refusal_text` must not be empty: it is the sentence the Doubter writes when it declines "
+                             f"(got {self.refusal_text!r}).")
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> DoubterConfig:
+        """PEFT's loading, marking the config as read from a saved adapter (whose base fingerprint is required)."""
+        config = super().from_pretrained(*args, **kwargs)
+        config.loaded_from_file = True
+        return config
 
     @classmethod
     def user_fields(cls) -> tuple[str, ...]:
@@ -244,6 +284,8 @@ class DoubterConfig(PeftConfig):
         """Number of cognitive tokens the encoder produces for `num_read_layers` read layers."""
         if self.encoder_type == "multi_token":
             return self.num_cognitive_tokens or 8
+        if self.encoder_type == "attentive":
+            return num_read_layers + self.answer_tokens
         if self.num_cognitive_tokens not in (None, num_read_layers):
             raise ValueError(
                 f"`num_cognitive_tokens` ({self.num_cognitive_tokens}) must equal the number of read layers "

@@ -16,8 +16,74 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from .capture import Capture, forward_replaced, position_ids_from_mask
+from . import backbone
+from .capture import Capture, Reading, forward_replaced, position_ids_from_mask, rms_normalized, token_signals
 from .config import DoubterConfig
+
+
+@dataclass
+class Draft:
+    """The base's own greedy answers (adapters off) and what pass 1 read of them.
+
+    `tokens`: each row's kept answer tokens (cut before the first stop token, at most `max_new_tokens`);
+    `step_signals`: each row's `TOKEN_SIGNALS` (L, S) at its kept tokens, or at its first generated token when the
+    answer is empty; `prompt_features` (B, R, D): the read layers at the prompt's last token, pooled as configured;
+    `reading`: the read layers at the answer's last token (the prompt's last for an empty answer) with every answer
+    token's states and signals."""
+
+    tokens: list[list[int]]
+    step_signals: list[torch.Tensor]
+    prompt_features: torch.Tensor
+    reading: Reading
+
+
+def _common_prefix_length(rows: list[torch.Tensor]) -> int:
+    """Leading tokens shared by every row, leaving at least one token of each row to prefill apart."""
+    width = min(len(row) for row in rows) - 1
+    if width <= 0:
+        return 0
+    matrix = torch.stack([row[:width] for row in rows])
+    differs = (matrix != matrix[:1]).any(0)
+    return int(differs.nonzero()[0]) if differs.any() else width
+
+
+def _left_padded(rows: list[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = like.new_zeros((len(rows), width))
+    mask = like.new_zeros((len(rows), width))
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = row
+        mask[index, width - len(row):] = 1
+    return ids, mask
+
+
+def _assemble_draft(generated: list[list[int]], signals: list[list[torch.Tensor]],
+                    states: list[list[torch.Tensor]], prompt_features: torch.Tensor, stops: set[int],
+                    max_new_tokens: int) -> Draft:
+    """A `Draft` from what the decoding loop recorded per row: generated tokens, their signals, consumed states."""
+    batch, layers = prompt_features.shape[0], prompt_features.shape[1]
+    hidden = next((row[0].shape[-1] for row in states if row), prompt_features.shape[-1])
+    tokens = []
+    for sequence in generated:
+        cut = next((i for i, token in enumerate(sequence) if token in stops), len(sequence))
+        tokens.append(sequence[:min(cut, max_new_tokens)])
+    longest = max(1, max(len(t) for t in tokens))
+    answer_states = prompt_features.new_zeros((batch, longest, layers, hidden))
+    answer_mask = torch.zeros((batch, longest), dtype=torch.bool, device=prompt_features.device)
+    token_signal = prompt_features.new_zeros((batch, longest, signals[0][0].shape[-1]))
+    last = []
+    for row, kept in enumerate(tokens):
+        if kept:
+            row_states = torch.stack(states[row][: len(kept)])  # (L, R, H)
+            answer_states[row, : len(kept)] = rms_normalized(row_states)
+            answer_mask[row, : len(kept)] = True
+            token_signal[row, : len(kept)] = torch.stack(signals[row][: len(kept)]).to(token_signal)
+            last.append(row_states[-1])
+        else:
+            last.append(prompt_features[row, :, :hidden])
+    step_signals = [torch.stack(signals[row][: max(len(kept), 1)]).cpu() for row, kept in enumerate(tokens)]
+    return Draft(tokens, step_signals, prompt_features, Reading(torch.stack(last), answer_states, answer_mask,
+                                                                token_signal))
 
 
 @dataclass
@@ -32,25 +98,77 @@ class _FirstStep:
 class TwoPassGenerationMixin:
     """`DoubterModel.generate` and its parts (mixed into the tuner, which provides pass 1 and the injection state)."""
 
-    def draft_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                      **kwargs: Any) -> list[list[int]]:
-        """The base's own greedy answers (adapter off), cut before the first end token (`eos_token_id`, default
-        the generation config's, or padding)."""
+    def draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+              eos_token_id: Optional[int | list[int]] = None, pad_token_id: Optional[int] = None) -> Draft:
+        """The base's own greedy answers (adapters off) and pass 1's reading of them, in one decoding loop.
+
+        The read layers are recorded at the prompt's last token (the prefill) and at every answer token when it is
+        consumed by the next decoding step, so reading the answer costs no second forward pass; decoding runs one
+        token past `max_new_tokens` so the last kept token is consumed too. Answers end before the first
+        `eos_token_id` (default: the generation config's) or `pad_token_id`. For speed on a batch, the prompts'
+        common leading tokens (e.g. few-shot exemplars) are computed once and shared, and finished rows leave the
+        batch; the result is greedy decoding of each prompt (tests compare it with `generate`)."""
+        name = self.active_adapters[0]
+        config, plan = self.peft_config[name], self._plans[name]
+        stops = eos_token_id if eos_token_id is not None else self.model.generation_config.eos_token_id
+        stops = set(stops if isinstance(stops, (list, tuple)) else [stops]) | {pad_token_id} - {None}
+        stop_ids = torch.tensor(sorted(stops), device=input_ids.device)
+        batch = input_ids.shape[0]
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+        shared = _common_prefix_length(rows) if batch > 1 and config.pooling == "last" else 0
+        window = getattr(backbone.text_config(self.model), "sliding_window", None)
+        if window is not None and input_ids.shape[1] + max_new_tokens + 1 > window:
+            shared = 0  # padding between the shared prefix and a row would move that row's sliding window
+        cache = self._new_cache()
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        signals: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        states: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         saved_tokens, saved_gain = self._state.tokens, self._state.gain
         self._state.set(None)
         try:
             with torch.no_grad():
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                          max_new_tokens=max_new_tokens, **kwargs)
+                if shared:
+                    self.model(input_ids=rows[0][None, :shared], use_cache=True, past_key_values=cache,
+                               logits_to_keep=1)
+                    cache.batch_repeat_interleave(batch)
+                suffix_ids, suffix_mask = _left_padded([row[shared:] for row in rows], input_ids)
+                mask = torch.cat([suffix_mask.new_ones((batch, shared)), suffix_mask], dim=1)
+                prompt = Capture(read_layers=plan.read, pooling=config.pooling, prompt_mask=(
+                    suffix_mask.bool() if config.pooling != "last" else None), positions=torch.full(
+                    (batch,), suffix_ids.shape[1] - 1, device=input_ids.device))
+                self._capture = prompt
+                logits = self.model(input_ids=suffix_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                    position_ids=position_ids_from_mask(mask)[:, shared:], logits_to_keep=1
+                                    ).logits[:, -1]
+                self._capture = None
+                active = torch.arange(batch, device=input_ids.device)
+                for step in range(max_new_tokens + 1):
+                    next_tokens = logits.argmax(-1)
+                    step_signals = token_signals(logits, next_tokens)
+                    for index, row in enumerate(active.tolist()):
+                        generated[row].append(int(next_tokens[index]))
+                        signals[row].append(step_signals[index])
+                    going = ~torch.isin(next_tokens, stop_ids)
+                    if step == max_new_tokens or not going.any():
+                        break
+                    if not going.all():
+                        keep = going.nonzero().squeeze(-1)
+                        cache.batch_select_indices(keep)
+                        active, mask, next_tokens = active[keep], mask[keep], next_tokens[keep]
+                    mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                    self._capture = Capture(read_layers=plan.read, pooling="last", prompt_mask=None,
+                                            positions=torch.zeros(len(active), dtype=torch.long, device=mask.device))
+                    logits = self.model(input_ids=next_tokens[:, None], attention_mask=mask, past_key_values=cache,
+                                        use_cache=True, position_ids=position_ids_from_mask(mask)[:, -1:]
+                                        ).logits[:, -1]
+                    consumed = self._capture.stacked()  # (A, R, H): the states of the token each row just consumed
+                    self._capture = None
+                    for index, row in enumerate(active.tolist()):
+                        states[row].append(consumed[index])
         finally:
+            self._capture = None
             self._state.set(saved_tokens, saved_gain)
-        stops = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
-        stops = set(stops if isinstance(stops, (list, tuple)) else [stops]) | {kwargs.get("pad_token_id")}
-        answers = []
-        for tokens in out[:, input_ids.shape[1]:].tolist():
-            cut = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
-            answers.append(tokens[:cut])
-        return answers
+        return _assemble_draft(generated, signals, states, prompt.stacked(), stops, max_new_tokens)
 
     # ----------------------------------------------------------------------------------------- generate
     def generate(
@@ -97,10 +215,12 @@ class TwoPassGenerationMixin:
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if config.read_position == "answer":
             draft_kwargs = {k: kwargs[k] for k in ("eos_token_id", "pad_token_id") if k in kwargs}
-            drafts = self.draft_answers(input_ids, attention_mask, config.max_draft_tokens, **draft_kwargs)
-            capture = self.read_answers(input_ids, attention_mask, drafts)
+            reading = self.read_draft(input_ids, attention_mask, config.max_draft_tokens, **draft_kwargs)
             with torch.no_grad():
-                tokens = self.encode(capture.stacked())
+                tokens = self.encode(reading)
+            capture = Capture(read_layers=plan.read, pooling=config.pooling, positions=torch.full(
+                (input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device), prompt_mask=None)
+            capture.features = dict(zip(plan.read, reading.features.unbind(1)))
             with self._injecting(tokens), self._decode_controls(config, agc, refresh, capture):
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         read_positions = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)

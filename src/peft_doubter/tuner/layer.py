@@ -12,7 +12,11 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .capture import TOKEN_SIGNALS, Reading
 from .config import DoubterConfig
+
+
+SIGNAL_LIMIT = 50.0  # token signals are log-probabilities and entropies: clipped to +-50 nats
 
 
 @dataclass
@@ -54,11 +58,39 @@ class OutputHead(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(z))))
 
 
+class AnswerPooling(nn.Module):
+    """Learned queries attending over the tokens of the base's own answer (the `attentive` encoder). Each answer
+    token is the mean of its gated per-layer projections, plus a projection of its signals (log-probability,
+    entropy, top-k) and a position embedding; a learned null token is always attendable (empty answers)."""
+
+    def __init__(self, config: DoubterConfig, bottleneck: int) -> None:
+        super().__init__()
+        self.signals = nn.Sequential(nn.Linear(len(TOKEN_SIGNALS), bottleneck), nn.GELU(),
+                                     nn.Linear(bottleneck, bottleneck))
+        self.position = nn.Embedding(config.max_draft_tokens, bottleneck)
+        self.queries = nn.Parameter(torch.randn(config.answer_tokens, bottleneck) * bottleneck**-0.5)
+        self.null = nn.Parameter(torch.zeros(1, 1, bottleneck))
+        self.attention = nn.MultiheadAttention(bottleneck, config.ca_num_heads, batch_first=True)
+
+    def forward(self, tokens: torch.Tensor, signals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, Q, b) from answer-token projections (B, L, b), their signals (B, L, S) and mask (B, L)."""
+        batch, length, _ = tokens.shape
+        positions = torch.arange(length, device=tokens.device).clamp_max(self.position.num_embeddings - 1)
+        keys = tokens + self.signals(signals.clamp(-SIGNAL_LIMIT, SIGNAL_LIMIT)) + self.position(positions)
+        keys = torch.cat([self.null.expand(batch, -1, -1), keys], dim=1)  # (B, 1 + L, b)
+        ignore = torch.cat([mask.new_zeros(batch, 1), ~mask.bool()], dim=1)  # True = not attended
+        queries = self.queries[None].expand(batch, -1, -1)
+        pooled, _ = self.attention(queries, keys, keys, key_padding_mask=ignore, need_weights=False)
+        return pooled
+
+
 class CognitiveEncoder(nn.Module):
-    """Turns pooled read-layer features (B, R, D_in) into cognitive tokens (B, T, H).
+    """Turns pass 1's reading (pooled read-layer features (B, R, D_in), and for `attentive` the answer's tokens)
+    into cognitive tokens (B, T, H).
 
     All encoder types share the gated per-layer projectors and the output head; `transformer` adds two self-attention
-    blocks over the R layer tokens, `multi_token` lets T learned queries attend over them.
+    blocks over the R layer tokens, `multi_token` lets T learned queries attend over them, `attentive` adds
+    `answer_tokens` tokens pooled by learned queries over every token of the base's own answer (`AnswerPooling`).
     """
 
     def __init__(self, config: DoubterConfig, hidden_size: int, num_read_layers: int) -> None:
@@ -87,6 +119,8 @@ class CognitiveEncoder(nn.Module):
         elif config.encoder_type == "multi_token":
             self.queries = nn.Parameter(torch.randn(self.num_tokens, b) * b**-0.5)
             self.query_attn = nn.MultiheadAttention(b, config.ca_num_heads, batch_first=True)
+        elif config.encoder_type == "attentive":
+            self.answer_pooling = AnswerPooling(config, b)
         self.output = OutputHead(b, hidden_size, eps)
         self.output_norm = nn.LayerNorm(hidden_size, eps=eps)
 
@@ -103,9 +137,19 @@ class CognitiveEncoder(nn.Module):
         projected = torch.stack([proj(features[:, r]) for r, proj in enumerate(self.projectors)], dim=1)
         return projected * self.layer_gates(features)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, reading: torch.Tensor | Reading) -> torch.Tensor:
+        features = reading.features if isinstance(reading, Reading) else reading
         z = self.project(features)  # (B, R, b)
-        if self.encoder_type == "transformer":
+        if self.encoder_type == "attentive":
+            if not isinstance(reading, Reading) or reading.answer_states is None:
+                raise ValueError("The `attentive` encoder reads the base's own answer: pass a `Reading` with "
+                                 "`answer_states` (read_position='answer').")
+            batch, length = reading.answer_states.shape[:2]
+            per_layer = self.project(reading.answer_states.flatten(0, 1))  # (B * L, R, b)
+            tokens = per_layer.mean(1).view(batch, length, -1)  # (B, L, b)
+            pooled = self.answer_pooling(tokens, reading.token_signals, reading.answer_mask)  # (B, Q, b)
+            z = torch.cat([z, pooled], dim=1)  # (B, R + Q, b)
+        elif self.encoder_type == "transformer":
             for block in self.blocks:
                 z = block(z)
         elif self.encoder_type == "multi_token":
@@ -164,7 +208,8 @@ class BottleneckCrossAttention(nn.Module):
         keys, values = keys_values if keys_values is not None else self.token_keys_values(tokens.to(dtype))
         update = self.attend(hidden.to(dtype), keys, values)
         if self.scale_by_rms:
-            update = update * hidden.to(dtype).pow(2).mean(-1, keepdim=True).sqrt()
+            # + 1e-12: finite gradients at all-zero positions (the padding of cached lower-layer states)
+            update = update * (hidden.to(dtype).pow(2).mean(-1, keepdim=True) + 1e-12).sqrt()
         return hidden + (gain * torch.tanh(self.gate) * update).to(hidden.dtype)
 
 

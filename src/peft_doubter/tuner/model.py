@@ -21,6 +21,7 @@ from . import backbone
 from .capture import (
     Capture,
     LayerPlan,
+    Reading,
     StopForward,
     forward_replaced,
     hidden_of,
@@ -31,13 +32,14 @@ from .capture import (
 from .config import DoubterConfig, resolve_layers
 from .generation import TwoPassGenerationMixin
 from .layer import CognitiveEncoder, DoubterLayer, InjectionState
+from .loading import CheckedLoadingMixin
 from .registry import DOUBTER_PREFIX
 
 
 _ADAPTER_CONTAINERS = ("doubter_encoder", "doubter_ca")
 
 
-class DoubterModel(TwoPassGenerationMixin, BaseTuner):
+class DoubterModel(CheckedLoadingMixin, TwoPassGenerationMixin, BaseTuner):
     """Creates a Doubter model from a pretrained causal LM; use it through `get_peft_model(model, DoubterConfig())`.
 
     The adapter cannot be merged into the base weights (it depends on the input through pass 1): `unload()` gives
@@ -65,6 +67,8 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Resolve layers, check the base fingerprint and build the encoder, then let PEFT wrap the inject layers."""
         self._ensure_containers()
+        self._install_load_checks()
+        self._incoming = None
         config: DoubterConfig = self.peft_config[adapter_name]
         n_layers = backbone.num_layers(model)
         plan = LayerPlan(
@@ -92,18 +96,15 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
             raise
         self._register_layer_hooks()
 
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """PEFT upcasts fp16/bf16 adapter weights of the wrapped layers to fp32 (unless `autocast_adapter_dtype` is
-        False); the encoder lives on the tuner, so it is cast here the same way."""
-        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        if autocast_adapter_dtype and adapter_name in self.doubter_encoder:
-            for param in self.doubter_encoder[adapter_name].parameters():
-                if param.dtype in (torch.float16, torch.bfloat16):
-                    param.data = param.data.float()
-
     def _check_fingerprint(self, model: nn.Module, config: DoubterConfig) -> None:
         actual = backbone.fingerprint(model)
         if config.base_fingerprint is None:
+            if getattr(config, "loaded_from_file", False) and config.check_base_fingerprint:
+                raise ValueError(
+                    "This Doubter's adapter_config.json records no `base_fingerprint`, so the base model it was "
+                    "trained on cannot be checked. To attach it anyway, load its config, set "
+                    "`check_base_fingerprint=False` and pass it as `config=` to `PeftModel.from_pretrained`."
+                )
             config.base_fingerprint = actual
             return
         problems = backbone.fingerprint_mismatch(config.base_fingerprint, actual)
@@ -361,12 +362,39 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
             handle.remove()
             self._capture = None
 
-    def encode(self, features: torch.Tensor) -> torch.Tensor:
-        """Cognitive tokens (B, T, H) from pooled read-layer features (B, R, D_in)."""
+    def lower_layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering the first inject layer (B, S, H): identical in both passes (nothing is injected
+        below it), so they can be cached once and pass 2 started there (`forward(prefix_hidden=...)`)."""
+        first_inject = self._plans[self._active or self.active_adapters[0]].first_inject
+        if first_inject == 0:
+            raise ValueError("The first inject layer is layer 0: there are no lower layers to cache.")
+        capture = Capture(read_layers=[], pooling="last", positions=last_token_positions(attention_mask),
+                          prompt_mask=None, keep_output_of=first_inject - 1, stop_after=first_inject - 1)
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
+        try:
+            with torch.no_grad(), self._capturing(capture):
+                self.model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        finally:
+            self._state.set(saved_tokens, saved_gain)
+        return hidden_of(capture.kept_output)
+
+    def read_draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                   **kwargs: Any) -> Reading:
+        """Pass 1 with `read_position='answer'`: the base drafts its greedy answer and the read layers are read at
+        the answer's last token (see `draft`); other poolings than 'last' re-read prompt + answer."""
+        draft = self.draft(input_ids, attention_mask, max_new_tokens, **kwargs)
+        if self.peft_config[self.active_adapters[0]].pooling != "last":
+            draft.reading.features = self.read_answers(input_ids, attention_mask, draft.tokens).stacked()
+        return draft.reading
+
+    def encode(self, reading: torch.Tensor | Reading) -> torch.Tensor:
+        """Cognitive tokens (B, T, H) from pass 1's reading (or its pooled read-layer features (B, R, D_in))."""
         name = self._active or self.active_adapters[0]
         encoder = self.doubter_encoder[name]
         weight = next(encoder.parameters())
-        return encoder(features.to(weight.device, weight.dtype))
+        return encoder(reading.to(weight.device, weight.dtype))
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -376,13 +404,16 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
         labels: Optional[torch.Tensor] = None,
         *,
         read_positions: Optional[torch.Tensor] = None,
-        pass1_features: Optional[torch.Tensor] = None,
+        pass1_features: Optional[torch.Tensor | Reading] = None,
+        prefix_hidden: Optional[torch.Tensor] = None,
         reuse_prefix: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Two-pass forward. `labels` mark the prompt with -100: pass 1 reads the token before the first supervised
-        one, so the target never reaches pass 1. `pass1_features` (B, R, D_in), e.g. from an activation cache, skip
-        pass 1. `reuse_prefix=False` recomputes every layer in pass 2 (the naive two-pass)."""
+        one, so the target never reaches pass 1. `pass1_features` (a `Reading`, or its features (B, R, D_in)), e.g.
+        from an activation cache, skip pass 1; `prefix_hidden` (B, S, H), the states entering the first inject
+        layer (`lower_layer_states`, cached), then also skips the layers below it in pass 2, where nothing is
+        injected. `reuse_prefix=False` recomputes every layer in pass 2 (the naive two-pass)."""
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if self._active is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -392,6 +423,10 @@ class DoubterModel(TwoPassGenerationMixin, BaseTuner):
         if "position_ids" not in kwargs and attention_mask is not None:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         prefix_output = None
+        if prefix_hidden is not None:
+            if pass1_features is None:
+                raise ValueError("`prefix_hidden` replaces the lower layers of pass 2 only: pass `pass1_features` too.")
+            prefix_output = prefix_hidden.to(self.model.get_input_embeddings().weight.device)
         if pass1_features is None and self.peft_config[self._active].read_position == "answer":
             raise ValueError("With read_position='answer', pass 1 reads the base's own answer: pass "
                              "`pass1_features` (e.g. from `read_answers` or an activation cache) or use `generate`.")
