@@ -28,28 +28,18 @@ from peft_doubter.training.targets import choose_target
 from peft_doubter.training.trainer import DoubterTrainer, is_fast_parameter, pretrain_projectors
 
 
-DOUBTER = {"target_layers": [1, 2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
-PROMPT = PromptConfig(k_shot=0)
+DOUBTER = tiny_run.DOUBTER_SETTINGS
+PROMPT = PromptConfig(**tiny_run.PROMPT_SETTINGS)
 
 
 def collect_config(model_dir: Path, dataset: Path, **overrides) -> CollectConfig:
-    values = {"model": str(model_dir), "dataset": str(dataset), "limit": None, "max_new_tokens": 3, "batch_size": 16,
-                  "shard_size": 16}
-    return CollectConfig(**{**values, **overrides})
+    return CollectConfig(**tiny_run.collect_settings(model_dir, dataset, **overrides))
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny model and a QA file on which the model's own greedy answer is gold for about half the questions."""
-    root = tmp_path_factory.mktemp("pipeline")
-    model_dir = tiny_run.save_tiny_model(root / "model")
-    probe = stages.collect_run(root / "probe", collect_config(model_dir, tiny_run.write_questions(root / "raw.jsonl")),
-                            PROMPT, DOUBTER)
-    own = {row["question"]: row["pass1_answer"] for i, row in enumerate(probe) if i % 2 == 0 and row["pass1_answer"]}
-    dataset = tiny_run.write_questions(root / "qa.jsonl", answers=own)
-    run_dir = root / "run"
-    stages.collect_run(run_dir, collect_config(model_dir, dataset), PROMPT, DOUBTER)
-    return {"root": root, "model": model_dir, "dataset": dataset, "run": run_dir}
+    return tiny_run.make_workspace(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_cache_holds_answers_correctness_and_pass1_features(workspace):

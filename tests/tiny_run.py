@@ -37,3 +37,30 @@ def write_questions(path: Path, count: int = 60, seed: int = 0, answers: dict[st
             gold = (answers or {}).get(question, f"w{rng.randrange(100, 120)}")
             handle.write(json.dumps({"question": question, "answer": [gold]}) + "\n")
     return path
+
+
+PROMPT_SETTINGS = {"style": "completion", "k_shot": 0}
+DOUBTER_SETTINGS = {"target_layers": [1, 2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
+
+
+def collect_settings(model_dir: Path, dataset: Path, **overrides) -> dict:
+    return {"model": str(model_dir), "dataset": str(dataset), "limit": None, "max_new_tokens": 3, "batch_size": 16,
+            "shard_size": 16, **overrides}
+
+
+def make_workspace(root: Path) -> dict[str, Path]:
+    """A tiny model and a collected run on a QA file where the model's own greedy answer is gold for about half of
+    the questions."""
+    from peft_doubter.data.collection import CollectConfig
+    from peft_doubter.data.prompts import PromptConfig
+    from peft_doubter.runs import stages
+
+    model_dir = save_tiny_model(root / "model")
+    probe = stages.collect_run(root / "probe", CollectConfig(**collect_settings(
+        model_dir, write_questions(root / "raw.jsonl"))), PromptConfig(**PROMPT_SETTINGS), DOUBTER_SETTINGS)
+    own = {row["question"]: row["pass1_answer"] for i, row in enumerate(probe) if i % 2 == 0 and row["pass1_answer"]}
+    dataset = write_questions(root / "qa.jsonl", answers=own)
+    run_dir = root / "run"
+    stages.collect_run(run_dir, CollectConfig(**collect_settings(model_dir, dataset)), PromptConfig(**PROMPT_SETTINGS),
+                       DOUBTER_SETTINGS)
+    return {"root": root, "model": model_dir, "dataset": dataset, "run": run_dir}

@@ -31,3 +31,9 @@ POOLINGS = ("last", "mean", "last_mean")
 READ_POSITIONS = ("prompt", "answer")
 CONFIDENCES = ("decision", "ratio")
 LAYER_SPEC_WORDS = ("all", "late")
+
+# --------------------------------------------------------------------------------------------------- the agent
+AGENT_ACTIONS = ("answer", "lookup_answer", "decline")
+AGENT_MODES = ("confidence", "text")  # gate on a scorer's confidence, or on whether pass 2 wrote the refusal
+AGENT_SCORERS = ("doubter", "min_token", "probe", "random")
+CORPORA = ("sciq-support", "boolq", "sciq-support+boolq")  # lookup corpora that install with the benchmark data

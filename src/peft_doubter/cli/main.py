@@ -9,12 +9,14 @@ A command's options are built only when that command runs, so `peft-doubter --he
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from ..names import AGENT_MODES, AGENT_SCORERS, CORPORA
 from .options import add_dataclass_options, given
 
 
@@ -57,6 +59,31 @@ def _push_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--license", help="Licence of the base model (needed for bases other than the embedded ones).")
 
 
+def _gate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", help=f"Lookup corpus: one of {CORPORA} or a JSONL file of passages "
+                        "({\"id\", \"title\", \"text\"}); without one the agent answers or declines.")
+    parser.add_argument("--scorer", default="doubter", choices=AGENT_SCORERS, help="The gate's confidence.")
+    parser.add_argument("--threshold", default="calibrated", help="Answer closed-book at this confidence or "
+                        "above ('calibrated': the value `agent eval` (or `eval`) certified).")
+    parser.add_argument("--lookup-threshold", default="calibrated", help="Answer after a lookup at this "
+                        "confidence or above, else decline ('calibrated': certified by `agent eval`).")
+    parser.add_argument("--mode", default="confidence", choices=AGENT_MODES, help="Gate on the scorer's "
+                        "confidence, or (text) on whether pass 2 wrote the refusal, as in the seeds.")
+
+
+def _agent_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("run", "eval"), help="run: answer a question; eval: compare every gate.")
+    parser.add_argument("question", nargs="*", help="The question (agent run).")
+    _gate_options(parser)
+    parser.add_argument("--questions-from", help="(eval) Another run directory whose val and test questions to use.")
+    parser.add_argument("--max-questions", type=int, help="(eval) Use only the first N questions.")
+    parser.add_argument("--verify", type=int, default=20, help="(eval) Live agent runs that must reproduce the "
+                        "simulated actions.")
+    parser.add_argument("--target-risk", type=float, help="(eval) Risk target of the calibrated policy.")
+    parser.add_argument("--no-text-mode", action="store_true", help="(eval) Skip the pass-2 text (text mode).")
+    parser.add_argument("--json", action="store_true", help="(run) Print the whole result as JSON.")
+
+
 def _quickstart_options(parser: argparse.ArgumentParser) -> None:
     _collect_options(parser)
     _train_options(parser)
@@ -70,6 +97,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "ask": ("Ask the trained Doubter a question.", _ask_options),
     "export": ("Write the GGUF sidecar for llama.cpp (run_dir/doubter_sidecar.gguf).", lambda parser: None),
     "push": ("Upload adapter, sidecar, manifest, report and model card to the Hub in one commit.", _push_options),
+    "agent": (("The agent: answer, look up, or decline by the Doubter's confidence (run), or compare every gate "
+               "on held-out questions (eval)."), _agent_options),
+    "chat": ("A multi-turn chat with the agent.", _gate_options),
     "quickstart": ("collect -> train -> eval on the embedded defaults, then answered and declined examples.",
                    _quickstart_options),
 }
@@ -138,6 +168,36 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                      threshold=_threshold(run_dir, args.threshold))
         confidence = "" if answer.confidence is None else f" (confidence {answer.confidence:.3f})"
         print(("[declined] " if answer.declined else "") + answer.text + confidence)
+    if args.command == "agent" and args.action == "run":
+        from ..runs.agents import build_agent
+
+        if not " ".join(args.question).strip():
+            raise ValueError("agent run needs a question.")
+        agent, _ = build_agent(run_dir, args.corpus, args.scorer, args.threshold, args.lookup_threshold, args.mode)
+        result = agent.run(" ".join(args.question))
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=2, default=str))
+        else:
+            print(("[declined] " if result.action == "decline" else "") + result.text)
+            print(f"action {result.action}, confidence {result.confidence:.3f} (threshold {result.threshold:.3f}, "
+                  f"scorer {result.scorer})")
+            for step in result.steps:
+                print(f"  - {step}")
+    if args.command == "agent" and args.action == "eval":
+        from ..runs.agents import agent_eval
+
+        if not args.corpus:
+            raise ValueError("agent eval needs --corpus (the lookup tool's passages).")
+        result = agent_eval(run_dir, args.corpus, args.questions_from, max_questions=args.max_questions,
+                            verify=args.verify, target_risk=args.target_risk, text_mode=not args.no_text_mode)
+        print(json.dumps({k: result[k] for k in ("n", "closed_book_accuracy", "open_book_accuracy",
+                                                  "answer_recall_top_k")}, indent=2))
+    if args.command == "chat":
+        from ..agent.chat import ChatLoop, Session
+        from ..runs.agents import build_agent
+
+        agent, _ = build_agent(run_dir, args.corpus, args.scorer, args.threshold, args.lookup_threshold, args.mode)
+        ChatLoop(Session(agent)).run()
     if args.command == "export":
         from ..runs.stages import export_run
 

@@ -28,6 +28,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CHAT_OPEN_INSTRUCTION = "Answer the question with a short answer only, no explanation."
 CHAT_LETTER_INSTRUCTION = "Answer with the letter of the correct option only."
 CHAT_CLOZE_INSTRUCTION = "Answer with the text of the correct option only."
+EVIDENCE_LABEL = "Evidence:"  # precedes looked-up passages in an open-book prompt
 
 Example = Mapping[str, Any]
 
@@ -92,6 +93,13 @@ def _question_text(example: Example, mc_format: str) -> str:
     return str(example["question"])
 
 
+def _evidence(example: Example) -> str:
+    """`Evidence: ...` followed by a newline when the example carries looked-up evidence (the agent's open-book
+    prompts), else nothing."""
+    evidence = str(example.get("evidence") or "").strip()
+    return f"{EVIDENCE_LABEL} {evidence}\n" if evidence else ""
+
+
 def _gold(example: Example, mc_format: str) -> str:
     if _is_mc(example):
         label = example["label"]
@@ -139,13 +147,13 @@ def _render(
     mc = _is_mc(example)
     if config.style == "completion":
         shots = [
-            f"{_completion_block(_question_text(ex, config.mc_format), mc)} {_gold(ex, config.mc_format)}"
+            f"{_evidence(ex)}{_completion_block(_question_text(ex, config.mc_format), mc)} {_gold(ex, config.mc_format)}"
             for ex in exemplars
         ]
         return "\n\n".join([*shots, body])
     messages: list[dict[str, str]] = []
     for ex in exemplars:
-        messages.append({"role": "user", "content": _question_text(ex, config.mc_format)})
+        messages.append({"role": "user", "content": _evidence(ex) + _question_text(ex, config.mc_format)})
         messages.append({"role": "assistant", "content": _gold(ex, config.mc_format)})
     messages.append({"role": "user", "content": body})
     instruction = _chat_instruction(example, config.mc_format)
@@ -186,7 +194,7 @@ def build_prompt(
     check_exemplars(example, shots)
     question_text = _question_text(example, config.mc_format)
     chat = config.style == "chat"
-    body = question_text if chat else _completion_block(question_text, _is_mc(example))
+    body = _evidence(example) + (question_text if chat else _completion_block(question_text, _is_mc(example)))
     text = _render(example, body, shots, config, tokenizer)
     limit = config.max_prompt_tokens
     if limit is None or count_tokens(tokenizer, text, chat) <= limit:

@@ -218,6 +218,9 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
         except KeyError:
             raise ValueError(f"{path}: unexpected tensor `{tensor.name}`.") from None
         tensors[name] = np.array(tensor.data, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        if not np.isfinite(tensors[name]).all():
+            raise ValueError(f"{path}: tensor `{tensor.name}` holds NaN or infinite values (a damaged or diverged "
+                             "adapter).")
     try:
         _check_tensors(tensors, meta)
     except ValueError as err:
