@@ -4,7 +4,6 @@ and the chat REPL through a pseudo-terminal."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pty
@@ -12,7 +11,6 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -44,20 +42,6 @@ from peft_doubter.runs.manifest import read_manifest
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    """The tiny pipeline run, trained for one epoch, with a corpus holding some of its questions' answers."""
-    space = tiny_run.make_workspace(tmp_path_factory.mktemp("agent"))
-    stages.train_run(space["run"], {"num_train_epochs": 1, "probe_epochs": 1, "per_device_train_batch_size": 8})
-    cache = load_cache(space["run"] / "cache")
-    corpus = space["root"] / "corpus.jsonl"
-    with open(corpus, "w") as handle:
-        for index, row in enumerate(cache):
-            if index % 3 == 0:  # every third question's gold answer is in the corpus, next to its words
-                handle.write(json.dumps({"id": f"p{index}", "text": f"{row['question']} {row['answers'][0]}"}) + "\n")
-    return {**space, "corpus": corpus}
 
 
 def agent_of(trained: dict, thresholds: Thresholds, registry: ToolRegistry | None = None, mode: str = "confidence",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 import numpy as np
+import torch
 from transformers import StoppingCriteriaList
 
 from ..data.collection import CollectConfig, collect_batch, stop_token_ids
@@ -59,6 +60,28 @@ class TorchBackend:
     def drafts(self, examples: Sequence[dict], exemplars: Sequence[dict]) -> list[dict]:
         return collect_batch(self.model, self.tokenizer, list(examples), self.prompt_config, list(exemplars),
                              ExactMatchJudge(), self.collect_config)
+
+    def read_answer(self, question: str, answer: str, exemplars: Sequence[dict]) -> dict:
+        """A cached-question row for a given answer (not necessarily the base's): what the scorers need to rate it,
+        read as `draft` reads the base's own answer (teacher-forced)."""
+        prompt = build_prompt(example_for(question), self.tokenizer, self.prompt_config, exemplars).text
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat).to(self.model.device)
+        spaced = answer.strip() if prompt[-1:].isspace() else f" {answer.strip()}"
+        answer_ids = self.tokenizer(spaced, add_special_tokens=False)["input_ids"]
+        doubter = self.model.base_model
+        with self.model.disable_adapter():
+            reading = doubter.read_given_answers(inputs["input_ids"], inputs["attention_mask"], [answer_ids])
+            prompt_reading = doubter.run_pass1(inputs["input_ids"], inputs["attention_mask"], torch.tensor(
+                [inputs["input_ids"].shape[1] - 1]), keep_prefix=False).stacked()
+        length = len(answer_ids)
+        signals = reading.token_signals[0, :length]
+        answer_mode = self.model.peft_config[self.model.active_adapter].read_position == "answer"
+        return {"id": "score", "question": question, "prompt": prompt, "pass1_answer": answer.strip(),
+                "choices": [], "answers": [], "label": -1,
+                "features": (reading.features if answer_mode else prompt_reading)[0].cpu().numpy(),
+                "answer_states": reading.answer_states[0, :length].cpu().numpy(),
+                "token_signals": signals.cpu().numpy(), "answer_ids": answer_ids,
+                "token_logprobs": signals[:, 0].tolist() or [0.0]}
 
     def write(self, examples: Sequence[dict], exemplars: Sequence[dict]) -> list[str]:
         """Greedy two-pass generation (the Doubter writes), first line of each."""
@@ -106,6 +129,13 @@ class AgentResult:
         return dataclasses.asdict(self)
 
 
+def _part(row: dict) -> dict[str, Any]:
+    """What a result keeps of a draft: the answer and confidence, and for usage and log-probabilities the prompt,
+    the answer's tokens and their log-probabilities."""
+    return {"answer": row["answer"], "confidence": row["confidence"], "prompt": row["prompt"],
+            "answer_ids": list(row.get("answer_ids", [])), "token_logprobs": list(row.get("token_logprobs", []))}
+
+
 def example_for(question: str, evidence: str = "", identifier: str = "agent") -> dict[str, Any]:
     """A question in the cache-row form `collect_batch` takes (no gold answers: live questions are not judged)."""
     return {"id": identifier, "question": question.strip(), "answers": [], "choices": [], "label": -1,
@@ -133,22 +163,25 @@ class MetaAgent:
         if tokenizer is not None and tokenizer.chat_template is not None and self.max_lookups:
             self.native = (NativeToolPrompt(tokenizer), NativeToolRenderer(tokenizer), tokenizer)
 
-    def run(self, question: str, history: Sequence[dict] = ()) -> AgentResult:
-        """One question; `history` (earlier answered turns, as exemplars) precedes it in the prompt."""
+    def run(self, question: str, history: Sequence[dict] = (), *, scorer: Optional[Scorer] = None,
+            thresholds: Optional[Thresholds] = None, lookups: Optional[int] = None) -> AgentResult:
+        """One question; `history` (earlier answered turns, as exemplars) precedes it in the prompt. `scorer`,
+        `thresholds` and `lookups` (at most the agent's `max_lookups`) override the agent's for this question."""
         if not question.strip():
             raise ValueError("Empty question.")
+        scorer, thresholds = scorer or self.scorer, thresholds or self.thresholds
+        lookups = self.max_lookups if lookups is None else min(lookups, self.max_lookups)
         start = time.perf_counter()
-        closed = self._draft(example_for(question), [*self.exemplars, *history])
+        closed = self._draft(example_for(question), [*self.exemplars, *history], scorer)
         steps = [{"step": "draft", "answer": closed["answer"], "confidence": closed["confidence"]}]
-        result = AgentResult(question, closed["answer"], "answer", closed["confidence"], self.thresholds.closed,
-                             self.scorer.name if self.mode == "confidence" else "text",
-                             {"answer": closed["answer"], "confidence": closed["confidence"]}, steps=steps,
+        result = AgentResult(question, closed["answer"], "answer", closed["confidence"], thresholds.closed,
+                             scorer.name if self.mode == "confidence" else "text", _part(closed), steps=steps,
                              model_passes=1)
-        if self._accepts(closed, self.thresholds.closed):
+        if self._accepts(closed, thresholds.closed):
             result.seconds = time.perf_counter() - start
             return result
         open_row = None
-        for _ in range(self.max_lookups):
+        for _ in range(lookups):
             query, call_step = self._query(question)
             if call_step:
                 steps.append(call_step)
@@ -158,32 +191,35 @@ class MetaAgent:
                           "seconds": found.seconds, "passages": [p.id for p, _ in found.data or []]})
             if not found.ok:
                 break
-            open_row = self._draft(example_for(question, found.content), [*self.open_exemplars, *history])
+            open_row = self._draft(example_for(question, found.content), [*self.open_exemplars, *history], scorer)
             result.model_passes += 1
             steps.append({"step": "draft_with_evidence", "answer": open_row["answer"],
                           "confidence": open_row["confidence"]})
-            result.open_book = {"answer": open_row["answer"], "confidence": open_row["confidence"]}
-            if self._accepts(open_row, self.thresholds.open):
+            result.open_book = _part(open_row)
+            if self._accepts(open_row, thresholds.open):
                 result.text, result.action = open_row["answer"], "lookup_answer"
-                result.confidence, result.threshold = open_row["confidence"], self.thresholds.open
+                result.confidence, result.threshold = open_row["confidence"], thresholds.open
                 result.seconds = time.perf_counter() - start
                 return result
         result.text, result.action = self.backend.refusal, "decline"
         result.confidence = max(closed["confidence"], open_row["confidence"] if open_row else -math.inf)
-        result.threshold = self.thresholds.open if open_row else self.thresholds.closed
+        result.threshold = thresholds.open if open_row else thresholds.closed
         result.seconds = time.perf_counter() - start
         return result
 
-    def _draft(self, example: dict, exemplars: Sequence[dict]) -> dict:
+    def _draft(self, example: dict, exemplars: Sequence[dict], scorer: Scorer) -> dict:
         """The draft row with its `answer` (the base's draft; in text mode what pass 2 wrote) and `confidence` (the
         scorer's; in text mode 1 unless pass 2 wrote the refusal)."""
         row = self.backend.drafts([example], exemplars)[0]
+        if row.get("prompt_truncated"):
+            raise ValueError("The question is too long: its prompt had to be cut to fit `max_prompt_tokens`, and an "
+                             "answer to a cut question would not be the one the confidence is calibrated for.")
         if self.mode == "text":
             row["answer"] = self.backend.write([example], exemplars)[0]
             row["confidence"] = float(not is_refusal(row["answer"], self.backend.refusal or DEFAULT_REFUSAL))
         else:
             row["answer"] = row["pass1_answer"]
-            row["confidence"] = float(np.asarray(self.scorer([row]))[0])
+            row["confidence"] = float(np.asarray(scorer([row]))[0])
         return row
 
     def _accepts(self, row: dict, threshold: float) -> bool:

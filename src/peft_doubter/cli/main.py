@@ -84,6 +84,13 @@ def _agent_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="(run) Print the whole result as JSON.")
 
 
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (default: loopback only).")
+    parser.add_argument("--port", type=int, default=8000, help="Port.")
+    parser.add_argument("--corpus", help=f"Lookup corpus for `doubter.mode: agent`: one of {CORPORA} or a JSONL file.")
+    parser.add_argument("--model-id", help="The model name clients use (default: doubter-<run directory name>).")
+
+
 def _quickstart_options(parser: argparse.ArgumentParser) -> None:
     _collect_options(parser)
     _train_options(parser)
@@ -100,6 +107,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "agent": (("The agent: answer, look up, or decline by the Doubter's confidence (run), or compare every gate "
                "on held-out questions (eval)."), _agent_options),
     "chat": ("A multi-turn chat with the agent.", _gate_options),
+    "serve": ("An OpenAI-compatible server answering with the Doubter's confidence.", _serve_options),
     "quickstart": ("collect -> train -> eval on the embedded defaults, then answered and declined examples.",
                    _quickstart_options),
 }
@@ -198,6 +206,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
         agent, _ = build_agent(run_dir, args.corpus, args.scorer, args.threshold, args.lookup_threshold, args.mode)
         ChatLoop(Session(agent)).run()
+    if args.command == "serve":
+        from ..serving import serve
+
+        serve(run_dir, args.host, args.port, args.corpus, args.model_id)
     if args.command == "export":
         from ..runs.stages import export_run
 

@@ -301,6 +301,7 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
     chat = prompt_config.style == "chat"
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(peft_model.device)
     doubter = peft_model.base_model
+    doubter._check_prompt(inputs["input_ids"], inputs["attention_mask"])
     config = peft_model.peft_config[peft_model.active_adapter]
     hidden = backbone.hidden_size(peft_model)
     read_layers = len(doubter._plans[peft_model.active_adapter].read)

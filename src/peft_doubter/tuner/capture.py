@@ -48,8 +48,11 @@ class Capture:
     stop_after: Optional[int] = None
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     kept_output: Any = None
+    every_position: bool = False  # keep each read layer's whole output (B, S, H) instead of pooling
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.every_position:
+            return hidden
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, self.positions.to(hidden.device)]  # (B, H)
         if self.pooling == "last":

@@ -108,6 +108,7 @@ class TwoPassGenerationMixin:
         `eos_token_id` (default: the generation config's) or `pad_token_id`. For speed on a batch, the prompts'
         common leading tokens (e.g. few-shot exemplars) are computed once and shared, and finished rows leave the
         batch; the result is greedy decoding of each prompt (tests compare it with `generate`)."""
+        self._check_prompt(input_ids, attention_mask)
         name = self.active_adapters[0]
         config, plan = self.peft_config[name], self._plans[name]
         stops = eos_token_id if eos_token_id is not None else self.model.generation_config.eos_token_id
@@ -331,7 +332,8 @@ class TwoPassGenerationMixin:
 
         def before_step(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if agc:
-                self._state.gain = config.agc_floor + (1 - config.agc_floor) * math.exp(-step / config.agc_tau)
+                decay = config.agc_floor + (1 - config.agc_floor) * math.exp(-step / config.agc_tau)
+                self._state.gain = self._gain * decay
             if refresh:
                 ids = kwargs.get("input_ids")
                 if ids is None or ids.shape[1] == 0:  # the prefill of a generation from `inputs_embeds`

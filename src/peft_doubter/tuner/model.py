@@ -9,8 +9,9 @@ cross-attention added after every inject layer.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -33,13 +34,14 @@ from .config import DoubterConfig, resolve_layers
 from .generation import TwoPassGenerationMixin
 from .layer import CognitiveEncoder, DoubterLayer, InjectionState
 from .loading import CheckedLoadingMixin
+from .reading import PassOneMixin
 from .registry import DOUBTER_PREFIX
 
 
 _ADAPTER_CONTAINERS = ("doubter_encoder", "doubter_ca")
 
 
-class DoubterModel(CheckedLoadingMixin, TwoPassGenerationMixin, BaseTuner):
+class DoubterModel(CheckedLoadingMixin, PassOneMixin, TwoPassGenerationMixin, BaseTuner):
     """Creates a Doubter model from a pretrained causal LM; use it through `get_peft_model(model, DoubterConfig())`.
 
     The adapter cannot be merged into the base weights (it depends on the input through pass 1): `unload()` gives
@@ -63,6 +65,7 @@ class DoubterModel(CheckedLoadingMixin, TwoPassGenerationMixin, BaseTuner):
             self._capture: Optional[Capture] = None
             self._hook_handles: list = []
             self._adapters_enabled = True
+            self._gain = 1.0
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Resolve layers, check the base fingerprint and build the encoder, then let PEFT wrap the inject layers."""
@@ -243,12 +246,24 @@ class DoubterModel(CheckedLoadingMixin, TwoPassGenerationMixin, BaseTuner):
             self._capture = None
 
     @contextlib.contextmanager
-    def _injecting(self, tokens: torch.Tensor, gain: float = 1.0) -> Iterator[None]:
-        self._state.set(tokens, gain)
+    def _injecting(self, tokens: torch.Tensor) -> Iterator[None]:
+        self._state.set(tokens, self._gain)
         try:
             yield
         finally:
             self._state.set(None)
+
+    @contextlib.contextmanager
+    def injection_gain(self, gain: float) -> Iterator[None]:
+        """Scale every injected update by `gain` inside the block (a runtime knob, like llama.cpp's per-request
+        adapter scale; 0 turns the Doubter's effect off, 1 is what it was trained and calibrated with)."""
+        if not math.isfinite(gain) or gain < 0:
+            raise ValueError(f"The injection gain must be a finite number >= 0, got {gain!r}.")
+        previous, self._gain = self._gain, float(gain)
+        try:
+            yield
+        finally:
+            self._gain = previous
 
     @contextlib.contextmanager
     def _replaying(self, upto: int, output: Any) -> Iterator[None]:
@@ -272,122 +287,6 @@ class DoubterModel(CheckedLoadingMixin, TwoPassGenerationMixin, BaseTuner):
                 f"Input of {prompt.shape[1]} tokens is longer than the base model's context ({limit} tokens); "
                 "truncate the prompt from the left."
             )
-
-    def run_pass1(
-        self,
-        input_ids: Optional[torch.Tensor],
-        attention_mask: torch.Tensor,
-        read_positions: torch.Tensor,
-        *,
-        keep_prefix: bool = True,
-        past_key_values: Any = None,
-        **model_kwargs: Any,
-    ) -> Capture:
-        """Pass 1: adapters off, no gradients, backbone up to the deepest needed layer only. Returns the pooled
-        read-layer features (and the output below the first inject layer, for reuse by pass 2). `input_ids` may be
-        None when `inputs_embeds` is among `model_kwargs`."""
-        plan = self._plans[self._active or self.active_adapters[0]]
-        config = self.peft_config[self.active_adapters[0]]
-        keep = plan.first_inject - 1 if keep_prefix and plan.first_inject > 0 else None
-        prompt_mask = None
-        if config.pooling != "last":
-            columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-            prompt_mask = attention_mask.bool() & (columns[None, :] <= read_positions[:, None])
-        capture = Capture(
-            read_layers=plan.read,
-            pooling=config.pooling,
-            positions=read_positions,
-            prompt_mask=prompt_mask,
-            keep_output_of=keep,
-            stop_after=plan.pass1_stop(keep is not None),
-        )
-        saved_tokens, saved_gain = self._state.tokens, self._state.gain
-        self._state.set(None)
-        try:
-            with torch.no_grad(), self._capturing(capture):
-                self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    past_key_values=past_key_values,
-                    use_cache=past_key_values is not None,
-                    **model_kwargs,
-                )
-        finally:
-            self._state.set(saved_tokens, saved_gain)
-        missing = [i for i in plan.read if i not in capture.features]
-        if missing:
-            raise RuntimeError(f"Pass 1 did not reach read layers {missing}; is the decoder run in order?")
-        return capture
-
-    def read_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     answer_ids: Sequence[Sequence[int]]) -> Capture:
-        """Pass 1 with `read_position='answer'`: the read-layer features at the last token of each row's answer,
-        over prompt + answer (prompts left- or right-padded; an empty answer reads the prompt's last token)."""
-        rows = [torch.cat([ids[mask.bool()], torch.as_tensor(list(answer), dtype=ids.dtype, device=ids.device)])
-                for ids, mask, answer in zip(input_ids, attention_mask, answer_ids)]
-        width = max(len(row) for row in rows)
-        ids = input_ids.new_zeros((len(rows), width))
-        mask = attention_mask.new_zeros((len(rows), width))
-        for index, row in enumerate(rows):
-            ids[index, width - len(row):] = row
-            mask[index, width - len(row):] = 1
-        self._check_prompt(ids, mask)
-        return self.run_pass1(ids, mask, torch.full((len(rows),), width - 1, device=ids.device), keep_prefix=False,
-                              position_ids=position_ids_from_mask(mask))
-
-
-
-    @contextlib.contextmanager
-    def capturing_prompt(self, attention_mask: torch.Tensor) -> Iterator[Capture]:
-        """Record the read-layer features of the next forward call of the base model only (e.g. `generate`'s
-        prefill of a left-padded batch, with adapters disabled: that forward is pass 1), sparing a second prompt
-        forward when the base's own answer is generated anyway."""
-        config = self.peft_config[self.active_adapters[0]]
-        columns = attention_mask.shape[1]
-        capture = Capture(
-            read_layers=self._plans[self.active_adapters[0]].read,
-            pooling=config.pooling,
-            positions=torch.full((attention_mask.shape[0],), columns - 1, device=attention_mask.device),
-            prompt_mask=attention_mask.bool() if config.pooling != "last" else None,
-        )
-
-        def first_call_done(module: nn.Module, args: tuple, output: Any) -> None:
-            self._capture = None
-
-        handle = self.model.register_forward_hook(first_call_done)
-        self._capture = capture
-        try:
-            yield capture
-        finally:
-            handle.remove()
-            self._capture = None
-
-    def lower_layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The hidden states entering the first inject layer (B, S, H): identical in both passes (nothing is injected
-        below it), so they can be cached once and pass 2 started there (`forward(prefix_hidden=...)`)."""
-        first_inject = self._plans[self._active or self.active_adapters[0]].first_inject
-        if first_inject == 0:
-            raise ValueError("The first inject layer is layer 0: there are no lower layers to cache.")
-        capture = Capture(read_layers=[], pooling="last", positions=last_token_positions(attention_mask),
-                          prompt_mask=None, keep_output_of=first_inject - 1, stop_after=first_inject - 1)
-        saved_tokens, saved_gain = self._state.tokens, self._state.gain
-        self._state.set(None)
-        try:
-            with torch.no_grad(), self._capturing(capture):
-                self.model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        finally:
-            self._state.set(saved_tokens, saved_gain)
-        return hidden_of(capture.kept_output)
-
-    def read_draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                   **kwargs: Any) -> Reading:
-        """Pass 1 with `read_position='answer'`: the base drafts its greedy answer and the read layers are read at
-        the answer's last token (see `draft`); other poolings than 'last' re-read prompt + answer."""
-        draft = self.draft(input_ids, attention_mask, max_new_tokens, **kwargs)
-        if self.peft_config[self.active_adapters[0]].pooling != "last":
-            draft.reading.features = self.read_answers(input_ids, attention_mask, draft.tokens).stacked()
-        return draft.reading
 
     def encode(self, reading: torch.Tensor | Reading) -> torch.Tensor:
         """Cognitive tokens (B, T, H) from pass 1's reading (or its pooled read-layer features (B, R, D_in))."""

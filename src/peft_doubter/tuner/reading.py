@@ -1,0 +1,181 @@
+"""Pass 1 of the Doubter (mixed into `DoubterModel`): the frozen base reads the prompt, or the prompt and an answer,
+and the hooks record the read layers; also the states entering the first inject layer, which pass 2 shares."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .capture import (
+    TOKEN_SIGNALS,
+    Capture,
+    Reading,
+    hidden_of,
+    last_token_positions,
+    position_ids_from_mask,
+    rms_normalized,
+    token_signals,
+)
+
+
+class PassOneMixin:
+    """Pass 1 and the reads built on it."""
+
+    def run_pass1(
+        self,
+        input_ids: Optional[torch.Tensor],
+        attention_mask: torch.Tensor,
+        read_positions: torch.Tensor,
+        *,
+        keep_prefix: bool = True,
+        past_key_values: Any = None,
+        **model_kwargs: Any,
+    ) -> Capture:
+        """Pass 1: adapters off, no gradients, backbone up to the deepest needed layer only. Returns the pooled
+        read-layer features (and the output below the first inject layer, for reuse by pass 2). `input_ids` may be
+        None when `inputs_embeds` is among `model_kwargs`."""
+        plan = self._plans[self._active or self.active_adapters[0]]
+        config = self.peft_config[self.active_adapters[0]]
+        keep = plan.first_inject - 1 if keep_prefix and plan.first_inject > 0 else None
+        prompt_mask = None
+        if config.pooling != "last":
+            columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            prompt_mask = attention_mask.bool() & (columns[None, :] <= read_positions[:, None])
+        capture = Capture(
+            read_layers=plan.read,
+            pooling=config.pooling,
+            positions=read_positions,
+            prompt_mask=prompt_mask,
+            keep_output_of=keep,
+            stop_after=plan.pass1_stop(keep is not None),
+        )
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
+        try:
+            with torch.no_grad(), self._capturing(capture):
+                self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    past_key_values=past_key_values,
+                    use_cache=past_key_values is not None,
+                    **model_kwargs,
+                )
+        finally:
+            self._state.set(saved_tokens, saved_gain)
+        missing = [i for i in plan.read if i not in capture.features]
+        if missing:
+            raise RuntimeError(f"Pass 1 did not reach read layers {missing}; is the decoder run in order?")
+        return capture
+
+    def read_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     answer_ids: Sequence[Sequence[int]]) -> Capture:
+        """Pass 1 with `read_position='answer'`: the read-layer features at the last token of each row's answer,
+        over prompt + answer (prompts left- or right-padded; an empty answer reads the prompt's last token)."""
+        rows = [torch.cat([ids[mask.bool()], torch.as_tensor(list(answer), dtype=ids.dtype, device=ids.device)])
+                for ids, mask, answer in zip(input_ids, attention_mask, answer_ids)]
+        width = max(len(row) for row in rows)
+        ids = input_ids.new_zeros((len(rows), width))
+        mask = attention_mask.new_zeros((len(rows), width))
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):] = row
+            mask[index, width - len(row):] = 1
+        self._check_prompt(ids, mask)
+        return self.run_pass1(ids, mask, torch.full((len(rows),), width - 1, device=ids.device), keep_prefix=False,
+                              position_ids=position_ids_from_mask(mask))
+
+
+
+    @contextlib.contextmanager
+    def capturing_prompt(self, attention_mask: torch.Tensor) -> Iterator[Capture]:
+        """Record the read-layer features of the next forward call of the base model only (e.g. `generate`'s
+        prefill of a left-padded batch, with adapters disabled: that forward is pass 1), sparing a second prompt
+        forward when the base's own answer is generated anyway."""
+        config = self.peft_config[self.active_adapters[0]]
+        columns = attention_mask.shape[1]
+        capture = Capture(
+            read_layers=self._plans[self.active_adapters[0]].read,
+            pooling=config.pooling,
+            positions=torch.full((attention_mask.shape[0],), columns - 1, device=attention_mask.device),
+            prompt_mask=attention_mask.bool() if config.pooling != "last" else None,
+        )
+
+        def first_call_done(module: nn.Module, args: tuple, output: Any) -> None:
+            self._capture = None
+
+        handle = self.model.register_forward_hook(first_call_done)
+        self._capture = capture
+        try:
+            yield capture
+        finally:
+            handle.remove()
+            self._capture = None
+
+    def lower_layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering the first inject layer (B, S, H): identical in both passes (nothing is injected
+        below it), so they can be cached once and pass 2 started there (`forward(prefix_hidden=...)`)."""
+        first_inject = self._plans[self._active or self.active_adapters[0]].first_inject
+        if first_inject == 0:
+            raise ValueError("The first inject layer is layer 0: there are no lower layers to cache.")
+        capture = Capture(read_layers=[], pooling="last", positions=last_token_positions(attention_mask),
+                          prompt_mask=None, keep_output_of=first_inject - 1, stop_after=first_inject - 1)
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
+        try:
+            with torch.no_grad(), self._capturing(capture):
+                self.model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        finally:
+            self._state.set(saved_tokens, saved_gain)
+        return hidden_of(capture.kept_output)
+
+    def read_draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                   **kwargs: Any) -> Reading:
+        """Pass 1 with `read_position='answer'`: the base drafts its greedy answer and the read layers are read at
+        the answer's last token (see `draft`); other poolings than 'last' re-read prompt + answer."""
+        draft = self.draft(input_ids, attention_mask, max_new_tokens, **kwargs)
+        if self.peft_config[self.active_adapters[0]].pooling != "last":
+            draft.reading.features = self.read_answers(input_ids, attention_mask, draft.tokens).stacked()
+        return draft.reading
+
+    def read_given_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           answer_ids: Sequence[Sequence[int]]) -> Reading:
+        """Pass 1's reading of given answers (e.g. a user's answer to score), as `draft` reads the base's own: one
+        forward over prompt + answer with adapters off records the read layers at every answer token, and the
+        base's probabilities of those tokens give their signals (teacher-forced)."""
+        name = self.active_adapters[0]
+        plan = self._plans[name]
+        lengths = [len(answer) for answer in answer_ids]
+        rows = [torch.cat([ids[mask.bool()], torch.as_tensor(list(answer), dtype=ids.dtype, device=ids.device)])
+                for ids, mask, answer in zip(input_ids, attention_mask, answer_ids)]
+        width = max(len(row) for row in rows)
+        ids, mask = input_ids.new_zeros((len(rows), width)), attention_mask.new_zeros((len(rows), width))
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):], mask[index, width - len(row):] = row, 1
+        self._check_prompt(ids, mask)
+        capture = Capture(read_layers=plan.read, pooling="last", positions=torch.full((len(rows),), width - 1),
+                          prompt_mask=None, every_position=True)
+        longest = max(1, max(lengths))
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
+        try:
+            with torch.no_grad(), self._capturing(capture):
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                    logits_to_keep=longest + 1).logits  # (B, longest + 1, V)
+        finally:
+            self._state.set(saved_tokens, saved_gain)
+        hidden = torch.stack([capture.features[i] for i in plan.read], dim=2).float()  # (B, S, R, H)
+        states = hidden.new_zeros((len(rows), longest, len(plan.read), hidden.shape[-1]))
+        signals = hidden.new_zeros((len(rows), longest, len(TOKEN_SIGNALS)))
+        answer_mask = torch.zeros((len(rows), longest), dtype=torch.bool)
+        last = hidden[:, -1]
+        for index, length in enumerate(lengths):
+            if length:
+                states[index, :length] = rms_normalized(hidden[index, width - length:])
+                predicted = logits[index, -length - 1:-1]  # the logits of each answer token come one step earlier
+                signals[index, :length] = token_signals(predicted, ids[index, width - length:])
+                answer_mask[index, :length] = True
+        return Reading(last, states, answer_mask, signals)
