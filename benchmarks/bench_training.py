@@ -1,12 +1,18 @@
-"""Training step cost on Gemma-3-270M: (a) naive two-pass with full-vocabulary logits against (b) cached pass-1
-activations with LM-head logits only in the target columns (what `DoubterTrainer.compute_loss` does), in one run.
+"""Training and scoring cost on Gemma-3-270M, each arm in its own process, ratios from one run.
 
-    python benchmarks/bench_training.py --steps 6 --batch-size 8
+    python benchmarks/bench_training.py --steps 6 --batch-size 32
 
-Both arms train the same Doubter (late layers) on the same tokenized rows (few-shot TriviaQA prompts with a
-confirm or refuse target). Reports samples/s and peak memory (resident-set growth on CPU, CUDA peak on a GPU) and
-the ratios. Each arm runs in its own process, so one arm's peak memory does not hide the other's.
-Targets: (b) >= 2x faster, <= 0.5x memory.
+Training arms (the same Doubter, late layers, on the same few-shot TriviaQA rows with confirm or refuse targets):
+  naive        two passes every step: pass 1 over the prompt, then pass 2 over all layers with full-vocabulary logits
+  trainer      `DoubterTrainer` as `peft-doubter train` runs it: cached pass 1, pass 2 from the cached states entering
+               the first inject layer, LM-head logits only in the target columns, the confidence loss, no gradient
+               checkpointing
+  trainer+gc   the same with gradient checkpointing (what TRL turns on by default): its time and memory cost
+Scoring arms (questions/s of the Doubter's confidence on cached questions):
+  ratio        P(answer) vs P(refusal), two teacher-forced continuations through the full pass 2 (the first release)
+  decision     the refusal's probability at the end of the prompt, pass 2 from the cached lower-layer states
+Samples/s exclude the first step (allocators, warm-up); peak memory is the resident-set growth of the arm's process
+(CUDA peak on a GPU). Targets (issue 13): trainer >= 6x naive samples/s at <= 0.4x memory; decision >= 3x ratio.
 """
 
 from __future__ import annotations
@@ -17,102 +23,164 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import datasets
 import torch
 from peft import get_peft_model
+from transformers import TrainerCallback
 
 from peft_doubter import DoubterConfig
 from peft_doubter.data.benchmarks import load_benchmark
+from peft_doubter.data.prefix_states import attach_prefix_states
 from peft_doubter.data.prompts import PromptConfig, build_prompt
-from peft_doubter.data.sequences import tokenize_example
-from peft_doubter.training.trainer import DoubterCollator, target_loss
+from peft_doubter.data.sequences import first_target_token, tokenize_example
+from peft_doubter.evaluation.confidence import doubter_log_odds
+from peft_doubter.training.config import DoubterSFTConfig
+from peft_doubter.training.trainer import DoubterCollator, DoubterTrainer
 from peft_doubter.tuner.base_models import load_base_model
 from peft_doubter.tuner.capture import prompt_end_from_labels
+
+
+ARMS = ("naive", "trainer", "trainer+gc", "ratio", "decision")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_arm(model, batches, cached: bool) -> tuple[float, float]:
-    """(samples per second, peak memory in MB above the start) for a few optimizer steps."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start_rss, samples, start = peak_rss_mb(), 0, 0.0
-    for step, batch in enumerate(batches):
-        if step == 1:  # the first step warms up allocators and kernels
-            start, samples = time.perf_counter(), 0
-        if cached:
-            loss, _ = target_loss(model, batch)
-        else:
-            loss = model(**{k: v for k, v in batch.items() if k != "pass1_features"}).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        samples += batch["input_ids"].shape[0]
-    elapsed = time.perf_counter() - start
-    memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb() - start_rss
-    return samples / elapsed, memory
+class StepClock(TrainerCallback):
+    """Wall time of every training step after the first."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+def rows_for(model, tokenizer, count: int, k_shot: int) -> tuple[list[dict], list[dict]]:
+    """Tokenized prompt + target rows with their pass-1 features, and the cached-question form of the same."""
+    questions = load_benchmark("triviaqa").select(range(k_shot + count))
+    exemplars = list(questions.select(range(k_shot)))
+    refusal = model.peft_config["default"].refusal_text
+    rows, cached = [], []
+    for i, example in enumerate(questions.select(range(k_shot, len(questions)))):
+        prompt = build_prompt(example, tokenizer, PromptConfig(k_shot=k_shot), exemplars).text
+        right = i % 7 == 0  # about the base's accuracy
+        row = tokenize_example(tokenizer, prompt, example["answers"][0] if right else refusal, chat=False)
+        ids = torch.tensor([row["input_ids"]])
+        position = prompt_end_from_labels(torch.tensor([row["labels"]]))
+        features = model.base_model.run_pass1(ids, torch.ones_like(ids), position, keep_prefix=False).stacked()[0]
+        rows.append({**row, "pass1_features": features.numpy(), "correct": right,
+                     "refusal_token": first_target_token(tokenizer, prompt, refusal, chat=False)})
+        cached.append({"prompt": prompt, "features": features.numpy(), "pass1_answer": example["answers"][0],
+                       "choices": []})
+    return rows, cached
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """One arm in this process."""
     torch.set_num_threads(args.threads)
     base, tokenizer = load_base_model("gemma-3-270m")
-    model = get_peft_model(base, DoubterConfig(target_layers="late"))
-    questions = load_benchmark("triviaqa").select(range(args.k_shot + args.batch_size * (args.steps + 1)))
-    exemplars, rows = list(questions.select(range(args.k_shot))), []
-    for i, example in enumerate(questions.select(range(args.k_shot, len(questions)))):
-        prompt = build_prompt(example, tokenizer, PromptConfig(k_shot=args.k_shot), exemplars).text
-        target = example["answers"][0] if i % 3 == 0 else model.peft_config["default"].refusal_text
-        rows.append(tokenize_example(tokenizer, prompt, target, chat=False))
-    collate = DoubterCollator(tokenizer.pad_token_id)
-    batches = []
-    for start in range(0, len(rows), args.batch_size):
-        batch = collate(rows[start:start + args.batch_size])
-        if args.arm == "cached":  # what the activation cache holds
-            positions = prompt_end_from_labels(batch["labels"])
-            batch["pass1_features"] = model.base_model.run_pass1(
-                batch["input_ids"], batch["attention_mask"], positions, keep_prefix=False).stacked()
-        batches.append(batch)
-    speed, memory = run_arm(model, batches, cached=args.arm == "cached")
-    tokens = float(sum(len(r["input_ids"]) for r in rows) / len(rows))
-    return {"arm": args.arm, "samples_per_s": speed, "peak_mb": memory, "mean_tokens_per_row": tokens}
+    confidence = "ratio" if args.arm == "ratio" else "decision"
+    model = get_peft_model(base, DoubterConfig(target_layers="late", confidence=confidence))
+    count = args.batch_size * (args.steps + 1)
+    rows, cached = rows_for(model, tokenizer, count, args.k_shot)
+    gc.collect()
+    start_rss = peak_rss_mb()
+    if args.arm in ("ratio", "decision"):
+        if args.arm == "decision":
+            with tempfile.TemporaryDirectory() as folder:
+                states = attach_prefix_states(model, datasets.Dataset.from_list(rows), Path(folder))
+                cached = [{**c, "prefix_hidden": states[i]["prefix_hidden"]} for i, c in enumerate(cached)]
+                start_rss = peak_rss_mb()
+                return score(model, tokenizer, cached, args, start_rss)
+        return score(model, tokenizer, cached, args, start_rss)
+    if args.arm == "naive":
+        collate = DoubterCollator(tokenizer.pad_token_id, use_cached_features=False)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+        times = []
+        for start in range(0, len(rows), args.batch_size):
+            batch = collate(rows[start:start + args.batch_size])
+            began = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                  ).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - began)
+    else:
+        clock = StepClock()
+        with tempfile.TemporaryDirectory() as folder:
+            train = attach_prefix_states(model, datasets.Dataset.from_list(rows), Path(folder) / "states")
+            start_rss = peak_rss_mb()
+            config = DoubterSFTConfig(output_dir=str(Path(folder) / "out"), max_steps=args.steps + 1,
+                                      per_device_train_batch_size=args.batch_size, save_strategy="no",
+                                      eval_strategy="no", load_best_model_at_end=False, pretrain_projectors=False,
+                                      logging_steps=1000, gradient_checkpointing=args.arm == "trainer+gc",
+                                      disable_tqdm=True, early_stopping_patience=None)
+            trainer = DoubterTrainer(model, config, train_dataset=train, processing_class=tokenizer,
+                                     callbacks=[clock])
+            trainer.train()
+        times = clock.times
+    memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb() - start_rss
+    return {"arm": args.arm, "samples_per_s": args.batch_size / (sum(times[1:]) / len(times[1:])),
+            "peak_mb": memory, "mean_tokens_per_row": sum(len(r["input_ids"]) for r in rows) / len(rows)}
+
+
+def score(model, tokenizer, cached: list[dict], args: argparse.Namespace, start_rss: float) -> dict:
+    model.eval()
+    refusal = model.peft_config["default"].refusal_text
+    doubter_log_odds(model, tokenizer, cached[: args.batch_size], refusal, "letter", False, 8, progress=False)
+    began = time.perf_counter()
+    doubter_log_odds(model, tokenizer, cached[args.batch_size:], refusal, "letter", False, 8, progress=False)
+    elapsed = time.perf_counter() - began
+    return {"arm": args.arm, "questions_per_s": (len(cached) - args.batch_size) / elapsed,
+            "peak_mb": peak_rss_mb() - start_rss}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--k-shot", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--arm", choices=["naive", "cached"], help="run one arm (used internally)")
+    parser.add_argument("--arm", choices=ARMS, help="run one arm (used internally)")
+    parser.add_argument("--output", type=Path, help="Write the result JSON here too.")
     args = parser.parse_args()
     if args.arm:
         print("RESULT " + json.dumps(measure(args)))
         return
     arms = {}
-    for arm in ("naive", "cached"):
+    for arm in ARMS:
         command = [sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--batch-size",
                    str(args.batch_size), "--k-shot", str(args.k_shot), "--threads", str(args.threads)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         arms[arm] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
-    naive, cached = arms["naive"], arms["cached"]
+        print(json.dumps(arms[arm]), flush=True)
+    naive, trainer, checkpointed = arms["naive"], arms["trainer"], arms["trainer+gc"]
     result = {
         "model": "gemma-3-270m", "layers": "late (12..17)", "batch_size": args.batch_size, "steps": args.steps,
-        "k_shot": args.k_shot, "mean_tokens_per_row": naive["mean_tokens_per_row"],
-        "naive_samples_per_s": naive["samples_per_s"], "cached_samples_per_s": cached["samples_per_s"],
-        "naive_peak_mb": naive["peak_mb"], "cached_peak_mb": cached["peak_mb"],
-        "speedup": cached["samples_per_s"] / naive["samples_per_s"],
-        "memory_ratio": cached["peak_mb"] / naive["peak_mb"],
+        "k_shot": args.k_shot, "threads": args.threads, "arms": arms,
+        "trainer_speedup": trainer["samples_per_s"] / naive["samples_per_s"],
+        "trainer_memory_ratio": trainer["peak_mb"] / naive["peak_mb"],
+        "checkpointing_speed_ratio": checkpointed["samples_per_s"] / trainer["samples_per_s"],
+        "checkpointing_memory_ratio": checkpointed["peak_mb"] / trainer["peak_mb"],
+        "scoring_speedup": arms["decision"]["questions_per_s"] / arms["ratio"]["questions_per_s"],
     }
     print(json.dumps(result, indent=2))
-    print(f"cached/naive speed {result['speedup']:.2f}x (target >= 2), memory {result['memory_ratio']:.2f}x "
-          f"(target <= 0.5)")
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"trainer/naive speed {result['trainer_speedup']:.2f}x (target >= 6), memory "
+          f"{result['trainer_memory_ratio']:.2f}x (target <= 0.4); gradient checkpointing costs "
+          f"{1 / result['checkpointing_speed_ratio']:.2f}x time for {result['checkpointing_memory_ratio']:.2f}x memory; "
+          f"decision/ratio scoring {result['scoring_speedup']:.2f}x (target >= 3)")
 
 
 if __name__ == "__main__":
