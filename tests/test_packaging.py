@@ -36,6 +36,9 @@ def test_installed_wheel_finds_its_card_template_and_llama_cpp_patch(tmp_path):
     installed, source = _probe(str(tmp_path / "site")), _probe(None)
     inside = tmp_path / "site" / "peft_doubter"
     assert Path(installed["package"]).parent == inside
+    packages = {path.parent.relative_to(ROOT / "src") for path in (ROOT / "src").rglob("__init__.py")}
+    missing = sorted(str(package) for package in packages if not (tmp_path / "site" / package / "__init__.py").is_file())
+    assert not missing, f"sub-packages left out of the wheel (pyproject packages list): {missing}"
     assert installed["template_exists"] and Path(installed["template"]).parent == inside / "hub_cards"
     assert Path(installed["patch_dir"]) == inside / "llama_cpp_patch"
     assert Path(installed["package_dir"]) == inside  # where the build reads deploy/sidecar_format.py
