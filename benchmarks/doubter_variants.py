@@ -83,7 +83,10 @@ def run_variant(source: Path, out: Path, name: str, seed: int, epochs: float) ->
     run_dir = out / f"{name}-seed{seed}"
     variant_run(source, run_dir, reads, out / PREFIX_STATES_DIR)
     if not (run_dir / ADAPTER_DIR).exists():
-        train_run(run_dir, {"num_train_epochs": epochs, "seed": seed, "save_total_limit": 1, **training}, doubter)
+        schedule = {"eval_strategy": "steps", "save_strategy": "steps", "eval_steps": 0.5 / epochs,
+                    "save_steps": 0.5 / epochs}  # validation AUROC twice per epoch
+        train_run(run_dir, {"num_train_epochs": epochs, "seed": seed, "save_total_limit": 1, **schedule, **training},
+                  doubter)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if not (run_dir / EVAL_DIR / REPORT_JSON).exists():
         eval_run(run_dir, EvalConfig(generate_text=False))
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="Folder for the variant runs and the summary.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, from {list(VARIANTS)}.")
     parser.add_argument("--seeds", default="0", help="Comma-separated training seeds.")
-    parser.add_argument("--epochs", type=float, default=4.0, help="Most epochs (early stopping on validation).")
+    parser.add_argument("--epochs", type=float, default=2.0, help="Most epochs (early stopping on validation).")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:

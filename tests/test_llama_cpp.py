@@ -4,8 +4,10 @@ it (`python llama_cpp_patch/build.py`)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -68,7 +70,7 @@ def sidecar_metadata(**overrides) -> dict:
         encoder_type="selective", pooling="last", encoder_bottleneck_dim=64, ca_bottleneck_dim=32, ca_num_heads=4,
         ca_scale_by_rms=True, dynamic_gates=False, layer_norm_eps=1e-5, agc_enabled=False, agc_floor=0.3, agc_tau=16.0,
         dynamic_refresh=False, refresh_threshold=0.85, refresh_interval=4,
-        refusal_text="I'm not confident enough to answer this question accurately.",
+        refusal_text="I'm not confident enough to answer this question accurately.", confidence="decision",
     )
     meta.update(overrides)
     return meta
@@ -158,6 +160,42 @@ def test_tool_reports_a_refused_sidecar(tmp_path, build_dir, gemma_path):
         llama_cpp.run_tool(gemma_path, "Hello", sidecar=path, n_predict=2, threads=1, build_dir=build_dir)
 
 
+def test_tool_refuses_a_sidecar_holding_nan(tmp_path, build_dir, gemma_path):
+    """A NaN written into a well-formed sidecar (past the Python reader's check) is refused by the C++ loader."""
+    path = make_sidecar(tmp_path / "d.gguf")
+    reader = gguf.GGUFReader(path)
+    gate = next(tensor for tensor in reader.tensors if tensor.name.endswith(".gate"))
+    data = bytearray(path.read_bytes())
+    data[gate.data_offset:gate.data_offset + 4] = np.float32(np.nan).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=f"(?s)exited with 1.*tensor '{gate.name}' holds a non-finite value"):
+        llama_cpp.run_tool(gemma_path, "Hello", sidecar=path, n_predict=2, threads=1, build_dir=build_dir)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-n", "abc"], "-n expects a positive integer, got 'abc'"),
+        (["-t", "0"], "-t expects a positive integer, got '0'"),
+        (["-n", "99999999999"], "-n expects a positive integer, got '99999999999'"),
+        (["--temperature", "0.7"], "unknown argument '--temperature'"),
+    ],
+)
+def test_tool_names_bad_arguments(build_dir, gemma_path, args, message):
+    result = subprocess.run([str(llama_cpp.tool_path(build_dir)), "-m", str(gemma_path), "--no-doubter", "-p", "Hi",
+                             *args], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_tool_refuses_a_prompt_longer_than_the_context(tmp_path, build_dir, gemma_path):
+    """Gemma-3-270M's GGUF trains on 32,768 positions: a 40k-token prompt (passed as a file: it is longer than a
+    command-line argument may be) is refused before any compute."""
+    prompt = "word " * 40_000
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*the prompt has \d+ tokens and -n asks for 4 more, but "
+                                           r"the model's context is 32768 tokens"):
+        llama_cpp.run_tool(gemma_path, prompt, n_predict=4, threads=1, build_dir=build_dir, timeout=60)
+
+
 @pytest.mark.parametrize("rms", [True, False], ids=["rms", "norms"])
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_in_model_injection_matches_reference(tmp_path, build_dir, base, rms):
@@ -210,3 +248,93 @@ def test_build_is_keyed_by_the_sources(build_dir):
     assert build_dir.name == llama_cpp._build_module().source_hash()
     assert (build_dir / "build-info.json").is_file() and llama_cpp.tool_path(build_dir).is_file()
     assert os.access(llama_cpp.tool_path(build_dir), os.X_OK)
+
+
+# -- the decision, stop strings and the persistent mode ---------------------------------------------------------
+
+
+QUESTION = "Question: What is the capital of France?\nAnswer:"
+
+
+def test_threshold_answers_with_the_base_draft_or_declines(tmp_path, build_dir, gemma_path):
+    """With a threshold the reply is the base's own greedy answer (pass 1, injection off: the plain tool's text)
+    when the decision confidence reaches it, else the refusal; the confidence is the same either way."""
+    path = make_sidecar(tmp_path / "d.gguf", gate=0.05)
+    run = {"n_predict": 6, "threads": 1, "build_dir": build_dir, "stop": ["\n"]}
+    plain = llama_cpp.run_tool(gemma_path, QUESTION, **run)
+    low = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, threshold=0.0, **run)
+    high = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, threshold=1.0, **run)
+    free = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, **run)
+    assert low["action"] == "answered" and not low["declined"] and low["text"] == low["draft"] == plain["text"]
+    assert low["tokens"] == low["draft_tokens"] == plain["tokens"]
+    assert high["action"] == "declined" and high["declined"] and high["text"] == sidecar_metadata()["refusal_text"]
+    assert high["tokens"] == [] and high["draft"] == plain["text"]
+    for result in (low, high, free):
+        assert result["confidence_kind"] == "decision" and 0.0 < result["confidence"] < 1.0
+        assert result["confidence"] == pytest.approx(1 / (1 + np.exp(-result["log_odds"])), abs=1e-12)
+        assert result["confidence"] == pytest.approx(low["confidence"], abs=1e-6)
+        assert result["refusal_token"] == low["refusal_token"]
+    assert free["threshold"] is None and free["draft"] is None and low["threshold"] == 0.0
+    # the injection changes the confidence: a zero gate gives another number
+    silent = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=make_sidecar(tmp_path / "z.gguf", gate=0.0),
+                                threshold=0.0, **run)
+    assert abs(silent["log_odds"] - low["log_odds"]) > 1e-3
+
+
+def test_threshold_needs_a_decision_sidecar(tmp_path, build_dir, gemma_path):
+    path = make_sidecar(tmp_path / "d.gguf", confidence="ratio")
+    with pytest.raises(RuntimeError, match="trained with the 'ratio' confidence"):
+        llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, threshold=0.5, n_predict=2, threads=1,
+                           build_dir=build_dir)
+    free = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, n_predict=2, threads=1, build_dir=build_dir)
+    assert free["confidence"] is None and free["confidence_kind"] == "ratio" and free["action"] in ("answered",
+                                                                                                    "declined")
+
+
+def test_stop_strings_end_the_text(build_dir, gemma_path):
+    run = {"n_predict": 24, "threads": 1, "build_dir": build_dir, "ignore_eos": True}
+    full = llama_cpp.run_tool(gemma_path, "1, 2, 3, 4, 5,", **run)
+    assert len(full["text"]) > 20
+    stop = full["text"][12:15]
+    cut = llama_cpp.run_tool(gemma_path, "1, 2, 3, 4, 5,", stop=["never written", stop], **run)
+    at = full["text"].find(stop)
+    assert stop not in cut["text"] and full["text"].startswith(cut["text"])
+    assert at - len(cut["text"]) < 8  # cut at the stop, or at most the token holding its start
+    assert full["tokens"][:len(cut["tokens"])] == cut["tokens"] and len(cut["tokens"]) < len(full["tokens"])
+
+
+def test_persistent_process_answers_like_the_one_shot_tool(tmp_path, build_dir, gemma_path):
+    path = make_sidecar(tmp_path / "d.gguf", gate=0.05)
+    once = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, n_predict=6, threads=1, threshold=0.3,
+                              build_dir=build_dir)
+    with llama_cpp.LlamaDoubterProcess(gemma_path, path, threads=1, context=256, build_dir=build_dir) as process:
+        first = process.generate(QUESTION, n_predict=6, threshold=0.3)
+        for request, message in [
+            ({"prompt": ""}, "the prompt is empty"),
+            ({"prompt": "word " * 400}, "the context is 256 tokens"),
+            ({"prompt": QUESTION, "threshold": 2.0}, "threshold must be a number in \\[0, 1\\]"),
+            ({"prompt": QUESTION, "n_predict": 0}, "'n_predict' must be a positive integer"),
+            ({"prompt": QUESTION, "stop": [""]}, "'stop' must be a list of non-empty strings"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                process.generate(**request)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # requests from threads run in turn, none mixed up
+            prompts = [QUESTION, "The capital of Italy is", QUESTION]
+            replies = list(pool.map(lambda p: process.generate(p, n_predict=6, threshold=0.3), prompts))
+    for result in (first, replies[0], replies[2]):
+        assert (result["text"], result["action"], result["tokens"]) == (once["text"], once["action"], once["tokens"])
+        assert result["confidence"] == pytest.approx(once["confidence"], abs=1e-6)
+    assert replies[1]["n_prompt"] != first["n_prompt"]
+
+
+def test_persistent_process_reports_a_tool_that_failed(tmp_path, build_dir, gemma_path):
+    with pytest.raises(RuntimeError, match="(?s)llama-doubter stopped \\(exit code 1\\).*n_embd 512 does not match"):
+        llama_cpp.LlamaDoubterProcess(gemma_path, make_sidecar(tmp_path / "d.gguf", n_embd=512), build_dir=build_dir)
+    process = llama_cpp.LlamaDoubterProcess(gemma_path, make_sidecar(tmp_path / "e.gguf"), threads=1,
+                                            build_dir=build_dir)
+    assert process.info == {"ready": True, "mode": "doubter", "n_ctx": 4096, "confidence_kind": "decision",
+                            "refusal_text": sidecar_metadata()["refusal_text"]}
+    process._process.kill()  # a tool that dies between requests
+    with pytest.raises(RuntimeError, match="llama-doubter stopped \\(exit code -9\\)"):
+        process.generate(QUESTION)
+    process.close()

@@ -58,6 +58,20 @@ def test_json_round_trip_is_standard_json(report, tmp_path):
     assert back.to_markdown() == report.to_markdown()
 
 
+def test_text_behaviour_recomputes_from_stored_actions_and_judgements(report, tmp_path):
+    report.to_json(tmp_path / "report.json")
+    back = EvaluationReport.from_json(tmp_path / "report.json")
+    stored = back.scores["doubter"]
+    assert len(stored["action"]) == len(stored["written_correct"]) == len(back.correct)
+    assert back.recomputed_text_behaviour("doubter") == pytest.approx(report.text_behaviour["doubter"], nan_ok=True)
+    # Judging the answered text by the pass-1 oracle instead changes the reported number.
+    stored.pop("written_correct")
+    stored["action"] = ["answered" if a == "corrected" else a for a in stored["action"]]
+    oracle = back.recomputed_text_behaviour("doubter")
+    assert oracle["selective_accuracy"] != pytest.approx(report.text_behaviour["doubter"]["selective_accuracy"])
+    assert "action" not in back.scores["random"]
+
+
 def test_methods_must_share_questions(report):
     with pytest.raises(ValueError, match="different questions"):
         report.add_method("other", np.zeros(200), np.zeros(200))

@@ -27,7 +27,7 @@ def make_metadata(**overrides) -> dict:
         "encoder_type": "selective", "pooling": "last", "encoder_bottleneck_dim": 8, "ca_bottleneck_dim": 8, "ca_num_heads": 2,
         "ca_scale_by_rms": True, "dynamic_gates": False, "layer_norm_eps": 1e-5, "agc_enabled": True, "agc_floor": 0.3, "agc_tau": 16.0,
         "dynamic_refresh": False, "refresh_threshold": 0.85, "refresh_interval": 8,
-        "refusal_text": "I'm not confident enough to answer this question accurately.",
+        "refusal_text": "I'm not confident enough to answer this question accurately.", "confidence": "decision",
     }
     meta.update(overrides)
     return meta
@@ -147,6 +147,7 @@ def test_round_trip(tmp_path, config):
         (lambda w, m: m.pop("agc_tau"), "agc_tau"),
         (lambda w, m: m.pop("ca_scale_by_rms"), "ca_scale_by_rms"),
         (lambda w, m: m.update(ca_scale_by_rms=1), "ca_scale_by_rms"),
+        (lambda w, m: m.update(confidence="probe"), "confidence"),
         (lambda w, m: m.update(extra=1), "Unknown"),
     ],
 )
@@ -169,6 +170,18 @@ def test_read_treats_a_missing_rms_flag_as_false(tmp_path, monkeypatch):
     assert read_sidecar(tmp_path / "d.gguf")[1]["ca_scale_by_rms"] is False
     write_random(tmp_path / "e.gguf", ca_scale_by_rms=False)
     assert read_sidecar(tmp_path / "e.gguf")[1]["ca_scale_by_rms"] is False
+
+
+def test_read_treats_a_missing_confidence_as_ratio(tmp_path, monkeypatch):
+    """Sidecars written before the `confidence` key existed were all ratio-confidence Doubters."""
+    key, add_string = fmt.META_BY_FIELD["confidence"].key, gguf.GGUFWriter.add_string
+    monkeypatch.setattr(gguf.GGUFWriter, "add_string", lambda self, k, v: None if k == key else add_string(self, k, v))
+    write_random(tmp_path / "d.gguf", confidence="decision")
+    monkeypatch.undo()
+    assert gguf.GGUFReader(tmp_path / "d.gguf").get_field(key) is None
+    assert read_sidecar(tmp_path / "d.gguf")[1]["confidence"] == "ratio"
+    write_random(tmp_path / "e.gguf", confidence="decision")
+    assert read_sidecar(tmp_path / "e.gguf")[1]["confidence"] == "decision"
 
 
 def test_read_rejects_truncated_files(tmp_path):

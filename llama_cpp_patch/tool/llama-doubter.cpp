@@ -2,46 +2,106 @@
 //
 // Pass 1 runs the prompt with injection off and reads each read layer's `l_out-<il>` through cb_eval, the
 // encoder turns the pooled features into cognitive tokens, the KV cache is cleared, and pass 2 runs the prompt
-// and the greedy decode with the cross-attention injected (AGC gain and dynamic refresh as the sidecar says).
-// --no-doubter runs plain greedy generation from the same binary, for speed comparisons.
+// with the cross-attention injected. The logits at the prompt's last position give the Doubter's decision
+// confidence (log-odds of not starting the refusal, as PyTorch's `decision_log_odds`). Then either pass 2 decodes
+// its own text greedily (AGC gain and dynamic refresh as the sidecar says), or, with --threshold, the reply is the
+// base's own greedy answer (decoded in pass 1, injection off) when the confidence reaches the threshold and the
+// refusal text otherwise. --no-doubter runs plain greedy generation from the same binary, for speed comparisons.
+// --jsonl keeps the model loaded and answers one JSON request per stdin line with one JSON line on stdout.
 
 #include "llama.h"
 #include "llama-doubter.h"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
+#include <cerrno>
 #include <clocale>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <functional>
+#include <iostream>
 #include <map>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
+using json = nlohmann::ordered_json;
+
+struct request {
+    std::string prompt;
+    int  n_predict  = 64;
+    bool ignore_eos = false;
+    double threshold = NAN; // NaN: pass 2 writes its own text
+    std::vector<std::string> stop;
+    std::string dump_dir;
+};
+
 struct params {
     std::string model;
     std::string sidecar;
-    std::string prompt;
-    std::string dump_dir;
-    int  n_predict  = 64;
+    request     req;
     int  n_threads  = (int) std::min(4u, std::max(1u, std::thread::hardware_concurrency()));
+    int  n_ctx      = 0; // --jsonl: context size (default min(4096, the model's training context))
     bool doubter    = true;
-    bool ignore_eos = false;
-    bool json       = false;
+    bool json_out   = false;
+    bool jsonl      = false;
     bool verbose    = false;
 };
 
 static void usage(const char * argv0) {
     fprintf(stderr,
-        "usage: %s -m base.gguf (--sidecar doubter.gguf | --no-doubter) -p PROMPT [options]\n"
+        "usage: %s -m base.gguf (--sidecar doubter.gguf | --no-doubter) (-p PROMPT | --jsonl) [options]\n"
+        "  -f FILE          read the prompt from FILE (for prompts longer than a command line allows)\n"
         "  -n N             tokens to generate (default 64)\n"
         "  -t N             threads (default min(4, cores))\n"
+        "  --stop S         end the text before the stop string S (repeatable)\n"
+        "  --threshold X    answer with the base's own answer when the confidence is >= X in [0, 1], else decline\n"
         "  --ignore-eos     keep generating after end-of-generation tokens\n"
         "  --json           print one JSON object instead of text and a timing line\n"
+        "  --jsonl          keep the model loaded; read one JSON request per stdin line ({\"prompt\": ..., and\n"
+        "                   optionally \"n_predict\", \"stop\", \"threshold\", \"ignore_eos\", \"id\"}), write one JSON line\n"
+        "                   each, after a first line {\"ready\": true, ...} once the model is loaded\n"
+        "  -c N             --jsonl: context size (default min(4096, the model's))\n"
         "  --dump-dir DIR   write pass-1/pass-2 activations, features and cognitive tokens as .npy files\n"
         "  -v               show llama.cpp's log\n", argv0);
+}
+
+// a positive integer argument, or exit naming the option and the value
+static int positive_int(const std::string & option, const char * value) {
+    char * end = nullptr;
+    errno = 0;
+    const long v = strtol(value, &end, 10);
+    if (errno != 0 || end == value || *end != '\0' || v < 1 || v > 1000000000L) {
+        fprintf(stderr, "error: %s expects a positive integer, got '%s'\n", option.c_str(), value);
+        exit(2);
+    }
+    return (int) v;
+}
+
+static double probability(const std::string & option, const char * value) {
+    char * end = nullptr;
+    errno = 0;
+    const double v = strtod(value, &end);
+    if (errno != 0 || end == value || *end != '\0' || !(v >= 0.0 && v <= 1.0)) {
+        fprintf(stderr, "error: %s expects a number in [0, 1], got '%s'\n", option.c_str(), value);
+        exit(2);
+    }
+    return v;
+}
+
+static std::string read_file(const char * path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) {
+        fprintf(stderr, "error: cannot read the prompt file '%s'\n", path);
+        exit(2);
+    }
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 static bool parse_args(int argc, char ** argv, params & p) {
@@ -54,23 +114,39 @@ static bool parse_args(int argc, char ** argv, params & p) {
             }
             return argv[++i];
         };
-        if      (a == "-m")             { p.model      = next(); }
-        else if (a == "--sidecar")      { p.sidecar    = next(); }
-        else if (a == "-p")             { p.prompt     = next(); }
-        else if (a == "-n")             { p.n_predict  = atoi(next()); }
-        else if (a == "-t")             { p.n_threads  = atoi(next()); }
-        else if (a == "--dump-dir")     { p.dump_dir   = next(); }
-        else if (a == "--no-doubter")   { p.doubter    = false; }
-        else if (a == "--ignore-eos")   { p.ignore_eos = true; }
-        else if (a == "--json")         { p.json       = true; }
-        else if (a == "-v")             { p.verbose    = true; }
+        if      (a == "-m")             { p.model          = next(); }
+        else if (a == "--sidecar")      { p.sidecar        = next(); }
+        else if (a == "-p")             { p.req.prompt     = next(); }
+        else if (a == "-f")             { p.req.prompt     = read_file(next()); }
+        else if (a == "-n")             { p.req.n_predict  = positive_int(a, next()); }
+        else if (a == "-t")             { p.n_threads      = positive_int(a, next()); }
+        else if (a == "-c")             { p.n_ctx          = positive_int(a, next()); }
+        else if (a == "--stop")         { p.req.stop.push_back(next()); }
+        else if (a == "--threshold")    { p.req.threshold  = probability(a, next()); }
+        else if (a == "--dump-dir")     { p.req.dump_dir   = next(); }
+        else if (a == "--no-doubter")   { p.doubter        = false; }
+        else if (a == "--ignore-eos")   { p.req.ignore_eos = true; }
+        else if (a == "--json")         { p.json_out       = true; }
+        else if (a == "--jsonl")        { p.jsonl          = true; }
+        else if (a == "-v")             { p.verbose        = true; }
         else if (a == "-h" || a == "--help") { usage(argv[0]); exit(0); }
         else {
             fprintf(stderr, "error: unknown argument '%s'\n", a.c_str());
             return false;
         }
     }
-    if (p.model.empty() || p.prompt.empty() || (p.doubter && p.sidecar.empty()) || p.n_predict < 1 || p.n_threads < 1) {
+    const char * missing = p.model.empty() ? "-m" : !p.jsonl && p.req.prompt.empty() ? "-p or -f (a non-empty prompt) or --jsonl" :
+                           p.doubter && p.sidecar.empty() ? "--sidecar (or --no-doubter)" : nullptr;
+    if (missing) {
+        fprintf(stderr, "error: missing %s\n", missing);
+        return false;
+    }
+    if (std::any_of(p.req.stop.begin(), p.req.stop.end(), [](const std::string & s) { return s.empty(); })) {
+        fprintf(stderr, "error: --stop needs a non-empty string\n");
+        return false;
+    }
+    if (!p.doubter && !std::isnan(p.req.threshold)) {
+        fprintf(stderr, "error: --threshold needs the Doubter (not --no-doubter)\n");
         return false;
     }
     return true;
@@ -144,28 +220,6 @@ static bool write_npy(const std::string & path, const std::vector<float> & v, in
     return fclose(f) == 0;
 }
 
-static std::string json_escape(const std::string & s) {
-    std::string out;
-    for (unsigned char c : s) {
-        switch (c) {
-            case '"':  out += "\\\""; break;
-            case '\\': out += "\\\\"; break;
-            case '\n': out += "\\n";  break;
-            case '\r': out += "\\r";  break;
-            case '\t': out += "\\t";  break;
-            default:
-                if (c < 0x20) {
-                    char buf[8];
-                    snprintf(buf, sizeof(buf), "\\u%04x", c);
-                    out += buf;
-                } else {
-                    out += (char) c;
-                }
-        }
-    }
-    return out;
-}
-
 static std::string trim(const std::string & s) {
     const size_t b = s.find_first_not_of(" \t\n\r");
     const size_t e = s.find_last_not_of(" \t\n\r");
@@ -192,6 +246,489 @@ static void batch_set(llama_batch_ext * batch, const llama_token * tokens, int32
     }
 }
 
+static std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::string & text, bool special) {
+    const int n = -llama_tokenize(vocab, text.c_str(), text.size(), NULL, 0, special, special);
+    std::vector<llama_token> tokens(std::max(n, 0));
+    if (n <= 0 || llama_tokenize(vocab, text.c_str(), text.size(), tokens.data(), tokens.size(), special, special) < 0) {
+        throw std::runtime_error("failed to tokenize the text");
+    }
+    return tokens;
+}
+
+static double elapsed_ms(int64_t t0, int64_t t1) { return (t1 - t0)/1000.0; }
+
+// one loaded model (and Doubter) with one context, answering requests in turn
+struct engine {
+    llama_model           * model;
+    llama_adapter_doubter * adapter;
+    const llama_vocab     * vocab;
+    int64_t n_embd;
+    int     n_layer;
+    int     n_ctx;
+    int     n_threads;
+    capture cap;
+    llama_context   * ctx   = nullptr;
+    llama_sampler   * smpl  = nullptr;
+    llama_batch_ext * batch = nullptr;
+
+    // Doubter settings
+    int n_read = 0, n_feat = 0, n_tok = 0, refresh_interval = 0;
+    float refresh_threshold = 0.0f;
+    bool refresh = false;
+    llama_doubter_pooling pooling = LLAMA_DOUBTER_POOLING_LAST;
+    std::vector<int> read_layers, inject_layers;
+    std::string refusal;
+    bool decision = false; // the sidecar's confidence is the decision (which this tool computes), not the ratio
+
+    engine(llama_model * model, llama_adapter_doubter * adapter, int n_ctx, int n_threads)
+        : model(model), adapter(adapter), vocab(llama_model_get_vocab(model)), n_embd(llama_model_n_embd(model)),
+          n_layer(llama_model_n_layer(model)), n_ctx(n_ctx), n_threads(n_threads) {
+        cap.n_embd = n_embd;
+        llama_context_params cparams = llama_context_default_params();
+        cparams.n_ctx           = n_ctx;
+        cparams.n_batch         = n_ctx;
+        cparams.n_threads       = n_threads;
+        cparams.n_threads_batch = n_threads;
+        cparams.no_perf         = false;
+        if (adapter) {
+            cparams.cb_eval           = cb_eval;
+            cparams.cb_eval_user_data = &cap;
+        }
+        ctx = llama_init_from_model(model, cparams);
+        if (!ctx) {
+            throw std::runtime_error("failed to create the llama_context");
+        }
+        if (adapter && llama_set_doubter(ctx, adapter) != 0) {
+            throw std::runtime_error("failed to attach the Doubter adapter");
+        }
+        smpl = llama_sampler_chain_init(llama_sampler_chain_default_params());
+        llama_sampler_chain_add(smpl, llama_sampler_init_greedy());
+        batch = llama_batch_ext_init(ctx);
+        if (adapter) {
+            n_read  = llama_doubter_adapter_n_read(adapter);
+            n_feat  = llama_doubter_adapter_n_feat(adapter);
+            n_tok   = llama_doubter_adapter_n_tokens(adapter);
+            pooling = llama_doubter_adapter_pooling(adapter);
+            refresh = llama_doubter_adapter_refresh(adapter, &refresh_interval, &refresh_threshold);
+            refusal = llama_doubter_adapter_refusal_text(adapter);
+            decision = llama_doubter_adapter_confidence(adapter) == LLAMA_DOUBTER_CONFIDENCE_DECISION;
+            for (int i = 0; i < n_read; i++) {
+                read_layers.push_back(llama_doubter_adapter_read_layer(adapter, i));
+            }
+            for (int i = 0; i < llama_doubter_adapter_n_inject(adapter); i++) {
+                inject_layers.push_back(llama_doubter_adapter_inject_layer(adapter, i));
+            }
+        }
+    }
+
+    ~engine() {
+        llama_batch_ext_free(batch);
+        llama_sampler_free(smpl);
+        llama_free(ctx);
+    }
+
+    void decode(const llama_token * tokens, int n, llama_pos pos_0, bool all_outputs, const char * what) {
+        batch_set(batch, tokens, n, pos_0, all_outputs);
+        if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch) != 0) {
+            throw std::runtime_error(std::string(what) + " failed");
+        }
+    }
+
+    // The refusal's first token after the prompt, as PyTorch's `first_target_token` writes it: the refusal follows
+    // the prompt after a space unless the prompt ends in whitespace.
+    llama_token refusal_token(const std::string & prompt) const {
+        const bool spaced = !prompt.empty() && isspace((unsigned char) prompt.back());
+        return tokenize(vocab, spaced ? refusal : " " + refusal, false).front();
+    }
+
+    // log-odds of answering at the current last-position logits: log(1 - p) - log p, p = P(refusal's first token)
+    double decision_log_odds(llama_token token) const {
+        const float * logits = llama_get_logits_ith(ctx, -1);
+        const int n_vocab = llama_vocab_n_tokens(vocab);
+        double max = logits[0];
+        for (int i = 1; i < n_vocab; i++) {
+            max = std::max(max, (double) logits[i]);
+        }
+        double sum = 0.0;
+        for (int i = 0; i < n_vocab; i++) {
+            sum += std::exp(logits[i] - max);
+        }
+        const double refuse = std::min(logits[token] - max - std::log(sum), -1e-7); // log p
+        return std::log(-std::expm1(refuse)) - refuse;
+    }
+
+    // Greedy decoding from the current logits at position n_pos until n_predict tokens, an end-of-generation token
+    // or a stop string (a token whose text holds a stop string is not kept; a stop string across tokens cuts the
+    // text before it). `each_step` runs before every forward. Returns the number of forward passes.
+    int greedy(const request & r, int n_pos, std::vector<llama_token> & kept, std::string & text,
+               const std::function<void()> & before, const std::function<void()> & after) {
+        int n_forward = 0;
+        while (true) {
+            const llama_token id = llama_sampler_sample(smpl, ctx, -1);
+            if (!r.ignore_eos && llama_vocab_is_eog(vocab, id)) {
+                break;
+            }
+            char buf[256];
+            const int n = llama_token_to_piece(vocab, id, buf, sizeof(buf), 0, false);
+            const std::string piece = n > 0 ? std::string(buf, n) : std::string();
+            if (std::any_of(r.stop.begin(), r.stop.end(), [&](const std::string & s) { return piece.find(s) != std::string::npos; })) {
+                break;
+            }
+            kept.push_back(id);
+            text += piece;
+            bool stopped = false;
+            for (const auto & s : r.stop) {
+                const size_t at = text.find(s);
+                if (at != std::string::npos) {
+                    text.resize(at);
+                    stopped = true;
+                }
+            }
+            if (stopped || (int) kept.size() >= r.n_predict) {
+                break;
+            }
+            before();
+            decode(&id, 1, n_pos++, false, "decoding");
+            n_forward++;
+            after();
+        }
+        return n_forward;
+    }
+
+    json run(const request & r) {
+        if (r.prompt.empty()) {
+            throw std::runtime_error("the prompt is empty");
+        }
+        if (r.n_predict < 1) {
+            throw std::runtime_error("n_predict must be a positive integer");
+        }
+        if (!std::isnan(r.threshold)) {
+            if (!adapter) {
+                throw std::runtime_error("a threshold needs the Doubter");
+            }
+            if (!decision) {
+                throw std::runtime_error("the sidecar's Doubter was trained with the 'ratio' confidence, which this tool "
+                                         "does not compute; a threshold needs a 'decision' sidecar");
+            }
+            if (!(r.threshold >= 0.0 && r.threshold <= 1.0)) {
+                throw std::runtime_error("threshold must be a number in [0, 1]");
+            }
+        }
+        const std::vector<llama_token> prompt = tokenize(vocab, r.prompt, true);
+        const int n_prompt = (int) prompt.size();
+        if (n_prompt + r.n_predict > n_ctx) {
+            throw std::runtime_error("the prompt has " + std::to_string(n_prompt) + " tokens and n_predict asks for " +
+                                     std::to_string(r.n_predict) + " more, but the context is " + std::to_string(n_ctx) + " tokens");
+        }
+        const bool dump = !r.dump_dir.empty();
+        const bool thresholded = !std::isnan(r.threshold);
+        llama_memory_clear(llama_get_memory(ctx), true);
+        if (adapter && llama_doubter_set_inject(ctx, false) != 0) {
+            throw std::runtime_error("failed to switch the injection off");
+        }
+
+        double t_pass1_ms = 0.0, t_draft_ms = 0.0, t_encode_ms = 0.0;
+        int n_refresh = 0;
+        std::vector<float> feats, tokens, running_sum;
+        double running_count = 0.0;
+        std::vector<llama_token> draft;
+        std::string draft_text;
+        const bool need_mean = pooling != LLAMA_DOUBTER_POOLING_LAST;
+
+        auto newest_row = [&](int il) -> const float * {
+            const auto & v = cap.rows("l_out-" + std::to_string(il));
+            return v.size() >= (size_t) n_embd ? v.data() + v.size() - n_embd : nullptr;
+        };
+
+        if (adapter) {
+            // pass 1: injection off, read the read layers (all rows: the mean needs every prompt position, and
+            // the last layer keeps only output rows, so every position is an output when it is mean-pooled)
+            const bool all_out = need_mean && std::find(read_layers.begin(), read_layers.end(), n_layer - 1) != read_layers.end();
+            cap.l_out.clear();
+            cap.delta.clear();
+            cap.l_out.insert(read_layers.begin(), read_layers.end());
+            if (dump) {
+                cap.l_out.insert(inject_layers.begin(), inject_layers.end());
+            }
+            cap.start();
+            const int64_t t0 = ggml_time_us();
+            decode(prompt.data(), n_prompt, 0, all_out, "pass 1");
+            cap.active = false;
+            const int64_t t1 = ggml_time_us();
+
+            feats.assign((size_t) n_read*n_feat, 0.0f);
+            for (int r_i = 0; r_i < n_read; r_i++) {
+                const auto & v = cap.rows("l_out-" + std::to_string(read_layers[r_i]));
+                const int64_t n_rows = (int64_t) v.size()/n_embd;
+                if (n_rows < 1 || (need_mean && n_rows != n_prompt)) {
+                    throw std::runtime_error("pass 1 read " + std::to_string(n_rows) + " rows of layer " + std::to_string(read_layers[r_i]));
+                }
+                float * dst = feats.data() + (size_t) r_i*n_feat;
+                if (pooling != LLAMA_DOUBTER_POOLING_MEAN) {
+                    std::copy(v.end() - n_embd, v.end(), dst);
+                }
+                if (need_mean) {
+                    float * mean = pooling == LLAMA_DOUBTER_POOLING_MEAN ? dst : dst + n_embd;
+                    for (int64_t j = 0; j < n_embd; j++) {
+                        double s = 0.0;
+                        for (int64_t i = 0; i < n_rows; i++) {
+                            s += v[i*n_embd + j];
+                        }
+                        mean[j] = (float) (s/n_rows);
+                    }
+                }
+            }
+            if (dump) {
+                for (const auto & [name, v] : cap.data) {
+                    write_npy(r.dump_dir + "/pass1_" + name + ".npy", v, n_embd);
+                }
+                write_npy(r.dump_dir + "/features.npy", feats, n_feat);
+            }
+            if (thresholded) { // the base's own answer, continuing pass 1 with the injection off
+                greedy(r, n_prompt, draft, draft_text, [] {}, [] {});
+            }
+            const int64_t t2 = ggml_time_us();
+
+            tokens.assign((size_t) n_tok*n_embd, 0.0f);
+            if (llama_doubter_encode(ctx, feats.data(), feats.size(), tokens.data()) != 0) {
+                throw std::runtime_error("the Doubter encoder failed");
+            }
+            const int64_t t3 = ggml_time_us();
+            t_pass1_ms  = elapsed_ms(t0, t1);
+            t_draft_ms  = elapsed_ms(t1, t2);
+            t_encode_ms = elapsed_ms(t2, t3);
+            if (dump) {
+                write_npy(r.dump_dir + "/cognitive_tokens.npy", tokens, n_embd);
+            }
+
+            llama_memory_clear(llama_get_memory(ctx), true);
+            if (llama_doubter_set_inject(ctx, true) != 0) {
+                throw std::runtime_error("failed to switch the injection on");
+            }
+            cap.l_out.clear();
+            if (refresh && need_mean) { // the mean of dynamic refresh runs on over the generated tokens
+                running_sum.assign((size_t) n_read*n_embd, 0.0f);
+                const int off = pooling == LLAMA_DOUBTER_POOLING_MEAN ? 0 : (int) n_embd;
+                for (int r_i = 0; r_i < n_read; r_i++) {
+                    for (int64_t j = 0; j < n_embd; j++) {
+                        running_sum[r_i*n_embd + j] = feats[(size_t) r_i*n_feat + off + j]*n_prompt;
+                    }
+                }
+                running_count = n_prompt;
+            }
+        }
+
+        // after each pass-2 forward: the live features and re-encoding on drift, as PyTorch's `_decode_controls`
+        // (the prompt forward only counts as a step)
+        int step = 0;
+        auto after_forward = [&](bool decode_step) {
+            step++;
+            if (!refresh || !decode_step) {
+                return;
+            }
+            std::vector<float> current((size_t) n_read*n_feat);
+            for (int r_i = 0; r_i < n_read; r_i++) {
+                const float * last = newest_row(read_layers[r_i]);
+                if (!last) {
+                    throw std::runtime_error("no live state of layer " + std::to_string(read_layers[r_i]));
+                }
+                float * dst = current.data() + (size_t) r_i*n_feat;
+                if (pooling != LLAMA_DOUBTER_POOLING_MEAN) {
+                    std::copy(last, last + n_embd, dst);
+                }
+                if (pooling != LLAMA_DOUBTER_POOLING_LAST) {
+                    float * mean = pooling == LLAMA_DOUBTER_POOLING_MEAN ? dst : dst + n_embd;
+                    for (int64_t j = 0; j < n_embd; j++) {
+                        running_sum[r_i*n_embd + j] += last[j];
+                        mean[j] = (float) (running_sum[r_i*n_embd + j]/(running_count + 1.0));
+                    }
+                }
+            }
+            running_count += 1.0;
+            if (step % refresh_interval != 0) {
+                return;
+            }
+            double sim = 0.0;
+            for (int r_i = 0; r_i < n_read; r_i++) {
+                double dot = 0.0, na = 0.0, nb = 0.0;
+                for (int j = 0; j < n_feat; j++) {
+                    const double a = current[(size_t) r_i*n_feat + j], b = feats[(size_t) r_i*n_feat + j];
+                    dot += a*b; na += a*a; nb += b*b;
+                }
+                sim += dot/std::max(std::sqrt(na)*std::sqrt(nb), 1e-8);
+            }
+            if (sim/n_read < refresh_threshold) {
+                if (llama_doubter_encode(ctx, current.data(), current.size(), nullptr) != 0) {
+                    throw std::runtime_error("the Doubter encoder failed on refresh");
+                }
+                n_refresh++;
+            }
+        };
+
+        // pass 2 (or the only pass): the prompt, then greedy decoding unless the threshold decides
+        const int64_t t_p0 = ggml_time_us();
+        if (adapter) {
+            llama_doubter_set_alpha(ctx, llama_doubter_adapter_agc_alpha(adapter, step));
+            if (dump) { // the pass-2 prompt also gives each inject layer's output and cross-attention delta
+                cap.l_out.insert(inject_layers.begin(), inject_layers.end());
+                cap.delta.insert(inject_layers.begin(), inject_layers.end());
+            }
+            cap.start();
+        }
+        decode(prompt.data(), n_prompt, 0, false, "prompt processing");
+        json confidence = nullptr, log_odds = nullptr, refusal_tok = nullptr;
+        if (adapter && decision) {
+            const llama_token token = refusal_token(r.prompt);
+            const double lo = decision_log_odds(token);
+            log_odds    = lo;
+            confidence  = 1.0/(1.0 + std::exp(-lo));
+            refusal_tok = token;
+        }
+        if (adapter) {
+            if (dump) {
+                for (const auto & [name, v] : cap.data) {
+                    write_npy(r.dump_dir + "/pass2_" + name + ".npy", v, n_embd);
+                }
+            }
+            after_forward(false);
+            cap.delta.clear();
+            cap.l_out.clear();
+            if (refresh) {
+                cap.l_out.insert(read_layers.begin(), read_layers.end());
+            }
+        }
+        const int64_t t_p1 = ggml_time_us();
+
+        std::vector<llama_token> generated;
+        std::string text;
+        int n_decode = 0;
+        json action = nullptr;
+        if (thresholded) {
+            const bool answer = confidence.get<double>() >= r.threshold;
+            action    = answer ? "answered" : "declined";
+            generated = answer ? draft : std::vector<llama_token>();
+            text      = answer ? draft_text : refusal;
+        } else {
+            n_decode = greedy(r, n_prompt, generated, text,
+                [&] { if (adapter) { llama_doubter_set_alpha(ctx, llama_doubter_adapter_agc_alpha(adapter, step)); cap.start(); } },
+                [&] { if (adapter) { after_forward(true); } });
+        }
+        const int64_t t_p2 = ggml_time_us();
+
+        const double t_pass2_prompt_ms = elapsed_ms(t_p0, t_p1);
+        const double t_decode_ms = elapsed_ms(t_p1, t_p2);
+        json declined = nullptr;
+        if (adapter) {
+            const std::string refusal_trimmed = trim(refusal);
+            declined = thresholded ? action == "declined" : trim(text).compare(0, refusal_trimmed.size(), refusal_trimmed) == 0;
+            if (!thresholded) {
+                action = declined.get<bool>() ? "declined" : "answered";
+            }
+        }
+        json out;
+        out["mode"]          = adapter ? "doubter" : "plain";
+        out["text"]          = text;
+        out["declined"]      = declined;
+        out["action"]        = action;
+        out["confidence"]    = confidence; // null without the Doubter or with a ratio-trained one
+        out["confidence_kind"] = adapter ? json(decision ? "decision" : "ratio") : json(nullptr);
+        out["log_odds"]      = log_odds;
+        out["threshold"]     = thresholded ? json(r.threshold) : json(nullptr);
+        out["refusal_token"] = refusal_tok;
+        out["draft"]         = thresholded ? json(draft_text) : json(nullptr);
+        out["draft_tokens"]  = thresholded ? json(draft) : json(nullptr);
+        out["n_prompt"]      = n_prompt;
+        out["n_gen"]         = generated.size();
+        out["n_refresh"]     = n_refresh;
+        out["n_threads"]     = n_threads;
+        out["timing"] = {
+            {"pass1_ms", t_pass1_ms}, {"draft_ms", t_draft_ms}, {"encode_ms", t_encode_ms},
+            {"pass2_prompt_ms", t_pass2_prompt_ms}, {"prompt_ms", t_pass1_ms + t_draft_ms + t_encode_ms + t_pass2_prompt_ms},
+            {"decode_ms", t_decode_ms}, {"decode_tokens", n_decode},
+            {"decode_tok_s", n_decode > 0 ? n_decode/(t_decode_ms/1000.0) : 0.0},
+        };
+        out["tokens"] = generated;
+        return out;
+    }
+};
+
+static std::string dumped(const json & j) {
+    return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+// --jsonl: a first line {"ready": true, ...} once loaded, then one reply line per request line; a bad request gets
+// {"error": ...} and the loop goes on
+static int serve_lines(engine & eng, const params & p) {
+    json ready = {{"ready", true}, {"mode", eng.adapter ? "doubter" : "plain"}, {"n_ctx", eng.n_ctx},
+                  {"confidence_kind", eng.adapter ? json(eng.decision ? "decision" : "ratio") : json(nullptr)},
+                  {"refusal_text", eng.adapter ? json(eng.refusal) : json(nullptr)}};
+    std::cout << dumped(ready) << std::endl; // the model and sidecar loaded: requests may come
+    std::string line;
+    while (std::getline(std::cin, line)) {
+        if (trim(line).empty()) {
+            continue;
+        }
+        json reply;
+        try {
+            const json in = json::parse(line);
+            if (!in.is_object()) {
+                throw std::runtime_error("a request is a JSON object");
+            }
+            for (const auto & [key, value] : in.items()) {
+                if (key != "prompt" && key != "n_predict" && key != "stop" && key != "threshold" && key != "ignore_eos" && key != "id") {
+                    throw std::runtime_error("unknown field '" + key + "'");
+                }
+            }
+            request r = p.req;
+            if (!in.contains("prompt") || !in["prompt"].is_string()) {
+                throw std::runtime_error("'prompt' must be a string");
+            }
+            r.prompt = in["prompt"].get<std::string>();
+            if (in.contains("n_predict")) {
+                if (!in["n_predict"].is_number_integer() || in["n_predict"].get<int64_t>() < 1 || in["n_predict"].get<int64_t>() > eng.n_ctx) {
+                    throw std::runtime_error("'n_predict' must be a positive integer no larger than the context");
+                }
+                r.n_predict = (int) in["n_predict"].get<int64_t>();
+            }
+            if (in.contains("stop")) {
+                if (!in["stop"].is_array()) {
+                    throw std::runtime_error("'stop' must be a list of non-empty strings");
+                }
+                r.stop.clear();
+                for (const auto & s : in["stop"]) {
+                    if (!s.is_string() || s.get<std::string>().empty()) {
+                        throw std::runtime_error("'stop' must be a list of non-empty strings");
+                    }
+                    r.stop.push_back(s.get<std::string>());
+                }
+            }
+            if (in.contains("threshold")) {
+                if (in["threshold"].is_null()) {
+                    r.threshold = NAN;
+                } else if (!in["threshold"].is_number()) {
+                    throw std::runtime_error("'threshold' must be a number in [0, 1] or null");
+                } else {
+                    r.threshold = in["threshold"].get<double>();
+                }
+            }
+            if (in.contains("ignore_eos")) {
+                if (!in["ignore_eos"].is_boolean()) {
+                    throw std::runtime_error("'ignore_eos' must be true or false");
+                }
+                r.ignore_eos = in["ignore_eos"].get<bool>();
+            }
+            reply = eng.run(r);
+            if (in.contains("id")) {
+                reply["id"] = in["id"];
+            }
+        } catch (const std::exception & e) {
+            reply = {{"error", e.what()}};
+        }
+        std::cout << dumped(reply) << std::endl;
+    }
+    return 0;
+}
+
 int main(int argc, char ** argv) {
     std::setlocale(LC_NUMERIC, "C");
 
@@ -210,10 +747,6 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "error: failed to load model '%s'\n", p.model.c_str());
         return 1;
     }
-    const llama_vocab * vocab = llama_model_get_vocab(model);
-    const int64_t n_embd  = llama_model_n_embd(model);
-    const int     n_layer = llama_model_n_layer(model);
-
     llama_adapter_doubter * adapter = nullptr;
     if (p.doubter) {
         adapter = llama_doubter_adapter_init(model, p.sidecar.c_str());
@@ -223,310 +756,46 @@ int main(int argc, char ** argv) {
             return 1;
         }
     }
-
-    const int n_prompt = -llama_tokenize(vocab, p.prompt.c_str(), p.prompt.size(), NULL, 0, true, true);
-    std::vector<llama_token> prompt(n_prompt);
-    if (n_prompt <= 0 || llama_tokenize(vocab, p.prompt.c_str(), p.prompt.size(), prompt.data(), prompt.size(), true, true) < 0) {
-        fprintf(stderr, "error: failed to tokenize the prompt\n");
-        return 1;
+    const int n_ctx_train = llama_model_n_ctx_train(model);
+    int status = 0;
+    try {
+        if (p.jsonl) {
+            const int n_ctx = p.n_ctx > 0 ? p.n_ctx : std::min(4096, n_ctx_train);
+            if (n_ctx > n_ctx_train) {
+                throw std::runtime_error("-c " + std::to_string(n_ctx) + " is larger than the model's context of " +
+                                         std::to_string(n_ctx_train) + " tokens");
+            }
+            engine eng(model, adapter, n_ctx, p.n_threads);
+            status = serve_lines(eng, p);
+        } else {
+            const int n_prompt = (int) tokenize(llama_model_get_vocab(model), p.req.prompt, true).size();
+            if (n_prompt + p.req.n_predict > n_ctx_train) {
+                throw std::runtime_error("the prompt has " + std::to_string(n_prompt) + " tokens and -n asks for " +
+                                         std::to_string(p.req.n_predict) + " more, but the model's context is " +
+                                         std::to_string(n_ctx_train) + " tokens");
+            }
+            engine eng(model, adapter, n_prompt + p.req.n_predict, p.n_threads);
+            const json out = eng.run(p.req);
+            if (p.json_out) {
+                printf("%s\n", dumped(out).c_str());
+            } else {
+                const auto & t = out["timing"];
+                printf("%s\n", out["text"].get<std::string>().c_str());
+                printf("llama-doubter: mode=%s n_prompt=%d n_gen=%d n_refresh=%d action=%s confidence=%s pass1_ms=%.3f "
+                       "encode_ms=%.3f pass2_prompt_ms=%.3f prompt_ms=%.3f decode_ms=%.3f decode_tokens=%d decode_tok_s=%.3f\n",
+                       out["mode"].get<std::string>().c_str(), out["n_prompt"].get<int>(), out["n_gen"].get<int>(),
+                       out["n_refresh"].get<int>(), out["action"].is_null() ? "null" : out["action"].get<std::string>().c_str(),
+                       out["confidence"].dump().c_str(), t["pass1_ms"].get<double>(), t["encode_ms"].get<double>(),
+                       t["pass2_prompt_ms"].get<double>(), t["prompt_ms"].get<double>(), t["decode_ms"].get<double>(),
+                       t["decode_tokens"].get<int>(), t["decode_tok_s"].get<double>());
+            }
+        }
+    } catch (const std::exception & e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        status = 1;
     }
-
-    capture cap;
-    cap.n_embd = n_embd;
-
-    llama_context_params cparams = llama_context_default_params();
-    cparams.n_ctx           = n_prompt + p.n_predict;
-    cparams.n_batch         = n_prompt;
-    cparams.n_threads       = p.n_threads;
-    cparams.n_threads_batch = p.n_threads;
-    cparams.no_perf         = false;
-    if (adapter) {
-        cparams.cb_eval           = cb_eval;
-        cparams.cb_eval_user_data = &cap;
-    }
-    llama_context * ctx = llama_init_from_model(model, cparams);
-    if (!ctx) {
-        fprintf(stderr, "error: failed to create the llama_context\n");
-        return 1;
-    }
-    if (adapter && llama_set_doubter(ctx, adapter) != 0) {
-        fprintf(stderr, "error: failed to attach the Doubter adapter\n");
-        return 1;
-    }
-
-    llama_sampler * smpl = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    llama_sampler_chain_add(smpl, llama_sampler_init_greedy());
-    llama_batch_ext * batch = llama_batch_ext_init(ctx);
-
-    const bool dump = !p.dump_dir.empty();
-    double t_pass1_ms = 0.0, t_encode_ms = 0.0;
-    int n_refresh = 0;
-
-    // Doubter state
-    int n_read = 0, n_feat = 0, n_tok = 0, refresh_interval = 0;
-    float refresh_threshold = 0.0f;
-    bool refresh = false;
-    llama_doubter_pooling pooling = LLAMA_DOUBTER_POOLING_LAST;
-    std::vector<int> read_layers, inject_layers;
-    std::vector<float> feats, tokens, running_sum;
-    double running_count = 0.0;
-
-    auto newest_row = [&](int il) -> const float * {
-        const auto & v = cap.rows("l_out-" + std::to_string(il));
-        return v.size() >= (size_t) n_embd ? v.data() + v.size() - n_embd : nullptr;
-    };
-
-    if (adapter) {
-        n_read  = llama_doubter_adapter_n_read(adapter);
-        n_feat  = llama_doubter_adapter_n_feat(adapter);
-        n_tok   = llama_doubter_adapter_n_tokens(adapter);
-        pooling = llama_doubter_adapter_pooling(adapter);
-        refresh = llama_doubter_adapter_refresh(adapter, &refresh_interval, &refresh_threshold);
-        for (int i = 0; i < n_read; i++) {
-            read_layers.push_back(llama_doubter_adapter_read_layer(adapter, i));
-        }
-        for (int i = 0; i < llama_doubter_adapter_n_inject(adapter); i++) {
-            inject_layers.push_back(llama_doubter_adapter_inject_layer(adapter, i));
-        }
-
-        // pass 1: injection off, read the read layers (all rows: the mean needs every prompt position, and
-        // the last layer keeps only output rows, so every position is an output when it is mean-pooled)
-        const bool need_mean = pooling != LLAMA_DOUBTER_POOLING_LAST;
-        const bool all_out   = need_mean && std::find(read_layers.begin(), read_layers.end(), n_layer - 1) != read_layers.end();
-        cap.l_out.clear();
-        cap.delta.clear();
-        for (int il : read_layers) {
-            cap.l_out.insert(il);
-        }
-        if (dump) {
-            for (int il : inject_layers) {
-                cap.l_out.insert(il);
-            }
-        }
-        cap.start();
-        const int64_t t0 = ggml_time_us();
-        batch_set(batch, prompt.data(), n_prompt, 0, all_out);
-        if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch) != 0) {
-            fprintf(stderr, "error: pass 1 failed\n");
-            return 1;
-        }
-        cap.active = false;
-        const int64_t t1 = ggml_time_us();
-
-        feats.assign((size_t) n_read*n_feat, 0.0f);
-        for (int r = 0; r < n_read; r++) {
-            const auto & v = cap.rows("l_out-" + std::to_string(read_layers[r]));
-            const int64_t n_rows = (int64_t) v.size()/n_embd;
-            if (n_rows < 1 || (need_mean && n_rows != n_prompt)) {
-                fprintf(stderr, "error: pass 1 read %lld rows of layer %d\n", (long long) n_rows, read_layers[r]);
-                return 1;
-            }
-            float * dst = feats.data() + (size_t) r*n_feat;
-            if (pooling != LLAMA_DOUBTER_POOLING_MEAN) {
-                std::copy(v.end() - n_embd, v.end(), dst);
-            }
-            if (need_mean) {
-                float * mean = pooling == LLAMA_DOUBTER_POOLING_MEAN ? dst : dst + n_embd;
-                for (int64_t j = 0; j < n_embd; j++) {
-                    double s = 0.0;
-                    for (int64_t i = 0; i < n_rows; i++) {
-                        s += v[i*n_embd + j];
-                    }
-                    mean[j] = (float) (s/n_rows);
-                }
-            }
-        }
-        if (dump) {
-            for (const auto & [name, v] : cap.data) {
-                write_npy(p.dump_dir + "/pass1_" + name + ".npy", v, n_embd);
-            }
-            write_npy(p.dump_dir + "/features.npy", feats, n_feat);
-        }
-
-        tokens.assign((size_t) n_tok*n_embd, 0.0f);
-        if (llama_doubter_encode(ctx, feats.data(), feats.size(), tokens.data()) != 0) {
-            fprintf(stderr, "error: the Doubter encoder failed\n");
-            return 1;
-        }
-        const int64_t t2 = ggml_time_us();
-        t_pass1_ms  = (t1 - t0)/1000.0;
-        t_encode_ms = (t2 - t1)/1000.0;
-        if (dump) {
-            write_npy(p.dump_dir + "/cognitive_tokens.npy", tokens, n_embd);
-        }
-
-        llama_memory_clear(llama_get_memory(ctx), true);
-        if (llama_doubter_set_inject(ctx, true) != 0) {
-            return 1;
-        }
-
-        // with dynamic refresh, the decode steps of pass 2 read the read layers' newest row
-        cap.l_out.clear();
-        if (refresh) {
-            if (need_mean) {
-                running_sum.assign((size_t) n_read*n_embd, 0.0f);
-                const int off = pooling == LLAMA_DOUBTER_POOLING_MEAN ? 0 : (int) n_embd;
-                for (int r = 0; r < n_read; r++) {
-                    for (int64_t j = 0; j < n_embd; j++) {
-                        running_sum[r*n_embd + j] = feats[(size_t) r*n_feat + off + j]*n_prompt;
-                    }
-                }
-                running_count = n_prompt;
-            }
-        }
-    }
-
-    // after each pass-2 forward: the live features and re-encoding on drift, as PyTorch's `_decode_controls`
-    // (the prompt forward only counts as a step)
-    int step = 0;
-    auto after_forward = [&](bool decode_step) -> bool {
-        step++;
-        if (!refresh || !decode_step) {
-            return true;
-        }
-        std::vector<float> current((size_t) n_read*n_feat);
-        for (int r = 0; r < n_read; r++) {
-            const float * last = newest_row(read_layers[r]);
-            if (!last) {
-                fprintf(stderr, "error: no live state of layer %d\n", read_layers[r]);
-                return false;
-            }
-            float * dst = current.data() + (size_t) r*n_feat;
-            if (pooling != LLAMA_DOUBTER_POOLING_MEAN) {
-                std::copy(last, last + n_embd, dst);
-            }
-            if (pooling != LLAMA_DOUBTER_POOLING_LAST) { // the mean runs on over the generated tokens
-                float * mean = pooling == LLAMA_DOUBTER_POOLING_MEAN ? dst : dst + n_embd;
-                for (int64_t j = 0; j < n_embd; j++) {
-                    running_sum[r*n_embd + j] += last[j];
-                    mean[j] = (float) (running_sum[r*n_embd + j]/(running_count + 1.0));
-                }
-            }
-        }
-        running_count += 1.0;
-        if (step % refresh_interval != 0) {
-            return true;
-        }
-        double sim = 0.0;
-        for (int r = 0; r < n_read; r++) {
-            double dot = 0.0, na = 0.0, nb = 0.0;
-            for (int j = 0; j < n_feat; j++) {
-                const double a = current[(size_t) r*n_feat + j], b = feats[(size_t) r*n_feat + j];
-                dot += a*b; na += a*a; nb += b*b;
-            }
-            sim += dot/std::max(std::sqrt(na)*std::sqrt(nb), 1e-8);
-        }
-        if (sim/n_read < refresh_threshold) {
-            if (llama_doubter_encode(ctx, current.data(), current.size(), nullptr) != 0) {
-                return false;
-            }
-            n_refresh++;
-        }
-        return true;
-    };
-
-    // pass 2 (or the only pass): prompt, then greedy decode
-    const int64_t t_p0 = ggml_time_us();
-    if (adapter) {
-        llama_doubter_set_alpha(ctx, llama_doubter_adapter_agc_alpha(adapter, step));
-        if (dump) { // the pass-2 prompt also gives each inject layer's output and cross-attention delta
-            for (int il : inject_layers) {
-                cap.l_out.insert(il);
-                cap.delta.insert(il);
-            }
-        }
-        cap.start();
-    }
-    batch_set(batch, prompt.data(), n_prompt, 0, false);
-    if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch) != 0) {
-        fprintf(stderr, "error: prompt processing failed\n");
-        return 1;
-    }
-    if (adapter) {
-        if (dump) {
-            for (const auto & [name, v] : cap.data) {
-                write_npy(p.dump_dir + "/pass2_" + name + ".npy", v, n_embd);
-            }
-        }
-        if (!after_forward(false)) {
-            return 1;
-        }
-        cap.delta.clear();
-        cap.l_out.clear();
-        for (int il : refresh ? read_layers : std::vector<int>()) {
-            cap.l_out.insert(il);
-        }
-    }
-    const int64_t t_p1 = ggml_time_us();
-
-    std::vector<llama_token> generated;
-    std::string text;
-    int n_decode = 0;
-    for (int n_pos = n_prompt; ; ) {
-        const llama_token id = llama_sampler_sample(smpl, ctx, -1);
-        if (!p.ignore_eos && llama_vocab_is_eog(vocab, id)) {
-            break;
-        }
-        generated.push_back(id);
-        char buf[256];
-        const int n = llama_token_to_piece(vocab, id, buf, sizeof(buf), 0, false);
-        if (n > 0) {
-            text.append(buf, n);
-        }
-        if ((int) generated.size() >= p.n_predict) {
-            break;
-        }
-        if (adapter) {
-            llama_doubter_set_alpha(ctx, llama_doubter_adapter_agc_alpha(adapter, step));
-            cap.start();
-        }
-        batch_set(batch, &id, 1, n_pos, false);
-        if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch) != 0) {
-            fprintf(stderr, "error: decoding failed\n");
-            return 1;
-        }
-        n_pos++;
-        n_decode++;
-        if (adapter && !after_forward(true)) {
-            return 1;
-        }
-    }
-    const int64_t t_p2 = ggml_time_us();
-
-    const double t_pass2_prompt_ms = (t_p1 - t_p0)/1000.0;
-    const double t_prompt_ms = t_pass1_ms + t_encode_ms + t_pass2_prompt_ms; // time to the first token
-    const double t_decode_ms = (t_p2 - t_p1)/1000.0;
-    const double decode_tok_s = n_decode > 0 ? n_decode/(t_decode_ms/1000.0) : 0.0;
-    const char * mode = adapter ? "doubter" : "plain";
-    std::string declined = "null";
-    if (adapter) {
-        const std::string refusal = trim(llama_doubter_adapter_refusal_text(adapter));
-        declined = trim(text).compare(0, refusal.size(), refusal) == 0 ? "true" : "false";
-    }
-
-    if (p.json) {
-        printf("{\"mode\": \"%s\", \"text\": \"%s\", \"declined\": %s, \"n_prompt\": %d, \"n_gen\": %zu, \"n_refresh\": %d, "
-               "\"n_threads\": %d, \"timing\": {\"pass1_ms\": %.3f, \"encode_ms\": %.3f, \"pass2_prompt_ms\": %.3f, "
-               "\"prompt_ms\": %.3f, \"decode_ms\": %.3f, \"decode_tokens\": %d, \"decode_tok_s\": %.3f}, \"tokens\": [",
-               mode, json_escape(text).c_str(), declined.c_str(), n_prompt, generated.size(), n_refresh, p.n_threads,
-               t_pass1_ms, t_encode_ms, t_pass2_prompt_ms, t_prompt_ms, t_decode_ms, n_decode, decode_tok_s);
-        for (size_t i = 0; i < generated.size(); i++) {
-            printf("%s%d", i ? ", " : "", generated[i]);
-        }
-        printf("]}\n");
-    } else {
-        printf("%s\n", text.c_str());
-        printf("llama-doubter: mode=%s n_prompt=%d n_gen=%zu n_refresh=%d declined=%s pass1_ms=%.3f encode_ms=%.3f "
-               "pass2_prompt_ms=%.3f prompt_ms=%.3f decode_ms=%.3f decode_tokens=%d decode_tok_s=%.3f\n",
-               mode, n_prompt, generated.size(), n_refresh, declined.c_str(), t_pass1_ms, t_encode_ms,
-               t_pass2_prompt_ms, t_prompt_ms, t_decode_ms, n_decode, decode_tok_s);
-    }
-
-    llama_batch_ext_free(batch);
-    llama_sampler_free(smpl);
-    llama_free(ctx);
     llama_doubter_adapter_free(adapter);
     llama_model_free(model);
     llama_backend_free();
-    return 0;
+    return status;
 }

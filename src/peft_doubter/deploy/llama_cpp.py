@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -231,6 +233,21 @@ class Sidecar:
         self.close()
 
 
+def _resolve_sidecar(sidecar: Optional[str | os.PathLike]) -> Optional[str]:
+    """A sidecar file, downloading `doubter_sidecar.gguf` with `huggingface_hub` when given a Hub repo id."""
+    if sidecar is None or Path(sidecar).exists():
+        return None if sidecar is None else str(sidecar)
+    from .sidecar import download_sidecar
+
+    return str(download_sidecar(str(sidecar)))
+
+
+def _tool_command(model: str | os.PathLike, sidecar: Optional[str], threads: int, build_dir: Optional[Path]
+                  ) -> list[str]:
+    cmd = [str(tool_path(build_dir)), "-m", str(model), "-t", str(threads)]
+    return cmd + (["--sidecar", sidecar] if sidecar is not None else ["--no-doubter"])
+
+
 def run_tool(
     model: str | os.PathLike,
     prompt: str,
@@ -238,30 +255,108 @@ def run_tool(
     n_predict: int = 32,
     threads: int = 2,
     ignore_eos: bool = False,
+    stop: Sequence[str] = (),
+    threshold: Optional[float] = None,
     dump_dir: Optional[str | os.PathLike] = None,
     extra_args: Sequence[str] = (),
     build_dir: Optional[Path] = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """Run `llama-doubter --json` (plain generation when `sidecar` is None) and return its parsed output:
-    text, declined, n_prompt, n_gen, n_refresh, tokens and timing (pass1_ms, encode_ms, pass2_prompt_ms,
-    prompt_ms, decode_ms, decode_tokens, decode_tok_s). `sidecar` is a file or a Hub repo id (`user/name`, whose
+    """Run `llama-doubter --json` once (plain generation when `sidecar` is None) and return its parsed output: text,
+    declined, action, confidence (the decision confidence; null for a ratio sidecar), log_odds, n_prompt, n_gen,
+    n_refresh, tokens and timing (pass1_ms, draft_ms, encode_ms, pass2_prompt_ms, prompt_ms, decode_ms,
+    decode_tokens, decode_tok_s). With `threshold` the text is the base's own greedy answer when the confidence
+    reaches it and the refusal otherwise. `sidecar` is a file or a Hub repo id (`user/name`, whose
     `doubter_sidecar.gguf` is downloaded with `huggingface_hub`). Raises `RuntimeError` with the tool's stderr on
     failure."""
-    if sidecar is not None and not Path(sidecar).exists():
-        from .sidecar import download_sidecar
-
-        sidecar = download_sidecar(str(sidecar))
-    cmd = [str(tool_path(build_dir)), "-m", str(model), "-p", prompt, "-n", str(n_predict), "-t", str(threads),
-           "--json"]
-    cmd += ["--sidecar", str(sidecar)] if sidecar is not None else ["--no-doubter"]
+    cmd = _tool_command(model, _resolve_sidecar(sidecar), threads, build_dir)
+    cmd += ["-n", str(n_predict), "--json"]
+    for text in stop:
+        cmd += ["--stop", text]
+    if threshold is not None:
+        cmd += ["--threshold", repr(float(threshold))]
     if ignore_eos:
         cmd.append("--ignore-eos")
     if dump_dir is not None:
         cmd += ["--dump-dir", str(dump_dir)]
     cmd += list(extra_args)
-    result = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt") as prompt_file:
+        prompt_file.write(prompt)  # a file, not -p: a command-line argument holds at most 128 KiB
+        prompt_file.flush()
+        result = subprocess.run(cmd + ["-f", prompt_file.name], capture_output=True, timeout=timeout, check=False)
     stderr = result.stderr.decode(errors="replace")
     if result.returncode != 0:
         raise RuntimeError(f"llama-doubter exited with {result.returncode}: {stderr.strip()[-4000:]}")
     return json.loads(result.stdout.decode(errors="replace").strip().splitlines()[-1])
+
+
+class LlamaDoubterProcess:
+    """`llama-doubter --jsonl`: the base model (and sidecar) loaded once, one request per `generate` call, from any
+    thread (requests run in turn). A bad request raises `ValueError` with the tool's message and the process goes
+    on; a process that died raises `RuntimeError` with its stderr."""
+
+    def __init__(self, model: str | os.PathLike, sidecar: Optional[str | os.PathLike] = None, threads: int = 2,
+                 context: Optional[int] = None, build_dir: Optional[Path] = None) -> None:
+        cmd = _tool_command(model, _resolve_sidecar(sidecar), threads, build_dir) + ["--jsonl"]
+        if context is not None:
+            cmd += ["-c", str(context)]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the process; closed by close())
+        self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                         text=True, encoding="utf-8", bufsize=1)
+        self._lock = threading.Lock()
+        self._requests = 0
+        ready = self._process.stdout.readline()
+        if not ready:
+            message = self._stopped()
+            self._stderr.close()
+            raise RuntimeError(message)
+        self.info: dict[str, Any] = json.loads(ready)
+        """What the tool loaded: mode, n_ctx, confidence_kind and refusal_text."""
+
+    def generate(self, prompt: str, n_predict: int = 64, stop: Sequence[str] = (), threshold: Optional[float] = None,
+                 ignore_eos: bool = False) -> dict[str, Any]:
+        """The tool's JSON reply for one prompt (the fields of `run_tool`)."""
+        request: dict[str, Any] = {"prompt": prompt, "n_predict": n_predict, "stop": list(stop),
+                                   "threshold": threshold, "ignore_eos": ignore_eos}
+        with self._lock:
+            self._requests += 1
+            request["id"] = self._requests
+            try:
+                self._process.stdin.write(json.dumps(request) + "\n")
+                self._process.stdin.flush()
+                line = self._process.stdout.readline()
+            except (BrokenPipeError, OSError, ValueError):
+                line = ""
+            if not line:
+                raise RuntimeError(self._stopped())
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ValueError(reply["error"])
+        if reply.get("id") != request["id"]:
+            raise RuntimeError(f"llama-doubter answered request {reply.get('id')} to request {request['id']}")
+        return reply
+
+    def _stopped(self) -> str:
+        try:
+            code = self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            code = self._process.wait()
+        self._stderr.seek(0)
+        return f"llama-doubter stopped (exit code {code}): {self._stderr.read().decode(errors='replace').strip()[-4000:]}"
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..names import POOLINGS, SIDECAR_FILE
+from ..names import CONFIDENCES, POOLINGS, SIDECAR_FILE
 from ..paths import fetch_file
 from .sidecar_format import (
     ADAPTER_TYPE,
@@ -52,7 +52,7 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(metadata[field], (bool, np.bool_)):
             raise ValueError(f"`{field}` must be a bool, got {metadata[field]!r}.")  # noqa: TRY004 (a bad value in a file)
         meta[field] = bool(metadata[field])
-    for field in ("base_architecture", "encoder_type", "pooling", "refusal_text"):
+    for field in ("base_architecture", "encoder_type", "pooling", "refusal_text", "confidence"):
         if not isinstance(metadata[field], str) or not metadata[field]:
             raise ValueError(f"`{field}` must be a non-empty string, got {metadata[field]!r}.")
         meta[field] = metadata[field]
@@ -60,6 +60,8 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if meta["encoder_type"] not in SIDECAR_ENCODERS:
         raise ValueError(f"`encoder_type` must be one of {SIDECAR_ENCODERS} in a sidecar (llama.cpp implements "
                          f"those), got {meta['encoder_type']!r}.")
+    if meta["confidence"] not in CONFIDENCES:
+        raise ValueError(f"`confidence` must be one of {CONFIDENCES}, got {meta['confidence']!r}.")
     if meta["pooling"] not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {meta['pooling']!r}.")
     for field in ("read_layers", "inject_layers"):
@@ -260,7 +262,7 @@ def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[d
         **{name: getattr(config, name) for name in (
             "encoder_type", "pooling", "encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads", "ca_scale_by_rms",
             "dynamic_gates", "layer_norm_eps", "agc_enabled", "agc_floor", "agc_tau", "dynamic_refresh",
-            "refresh_threshold", "refresh_interval", "refusal_text")},
+            "refresh_threshold", "refresh_interval", "refusal_text", "confidence")},
     }
     return tensors, metadata
 

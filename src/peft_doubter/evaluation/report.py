@@ -32,8 +32,9 @@ class EvaluationReport:
     """Per-method summaries on one shared set of test questions (JSON-serializable).
 
     ``correct`` is the pass-1 oracle of those questions; :meth:`add_method` refuses a method scored on others.
-    ``scores`` keeps, per method, the per-question numbers it was ranked by (full float precision) and, where they
-    differ, its confidence in [0, 1]: every reported metric can be recomputed from the report alone.
+    ``scores`` keeps, per method, the per-question numbers it was ranked by (full float precision), where they
+    differ its confidence in [0, 1], and for text behaviour each question's action and the judgements of the text
+    written: every reported metric can be recomputed from the report alone.
     """
 
     title: str = "Selective prediction"
@@ -42,7 +43,7 @@ class EvaluationReport:
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # name -> {"coverage", "risk"}
     text_behaviour: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> metrics.text_behaviour()
     risk_control: list[dict[str, Any]] = field(default_factory=list)
-    scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # name -> {"scores", ["confidence"]}
+    scores: dict[str, dict[str, list]] = field(default_factory=dict)  # name -> {"scores", ["confidence"], ["action", ...]}
     meta: dict[str, Any] = field(default_factory=dict)
 
     def add_method(
@@ -75,6 +76,10 @@ class EvaluationReport:
             self.scores[name]["confidence"] = [float(x) for x in np.asarray(confidence, dtype=np.float64)]
         if action is not None:
             self.text_behaviour[name] = text_behaviour(action, corr, written_correct, answered_same)
+            self.scores[name]["action"] = [str(a) for a in np.asarray(action, dtype=str)]
+            for key, values in (("written_correct", written_correct), ("answered_same", answered_same)):
+                if values is not None:
+                    self.scores[name][key] = [int(v) for v in np.asarray(values).astype(bool)]
         return self.methods[name]
 
     def recomputed(self, name: str, coverages: Sequence[float] = (0.2, 0.5, 0.8)) -> dict[str, float]:
@@ -83,6 +88,12 @@ class EvaluationReport:
         confidence = stored.get("confidence", stored["scores"])
         return _point_metrics(np.asarray(self.correct, dtype=bool), np.asarray(confidence, dtype=np.float64),
                               coverages, 15, np.asarray(stored["scores"], dtype=np.float64))
+
+    def recomputed_text_behaviour(self, name: str) -> dict[str, float]:
+        """Method `name`'s text behaviour recomputed from the per-question actions and judgements it stored."""
+        stored = self.scores[name]
+        return text_behaviour(stored["action"], self.correct, stored.get("written_correct"),
+                              stored.get("answered_same"))
 
     def add_risk_control(self, name: str, result: RiskControlResult, test: RealizedRisk) -> None:
         """Record a calibrated threshold and what it realised on the test split."""

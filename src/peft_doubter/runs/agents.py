@@ -13,13 +13,14 @@ from ..agent.agent import MetaAgent, Thresholds, TorchBackend
 from ..agent.comparison import AgentComparison, agreement, build_cache, write_report
 from ..agent.retrieval import Corpus, answer_recall, lookup_tool
 from ..agent.scorers import DoubterScorer, MinTokenScorer, ProbeScorer, RandomScorer
-from ..names import AGENT_SCORERS as SCORERS
 from ..agent.tools import ToolRegistry
 from ..data.collection import load_cache, make_judge
 from ..data.prompts import PromptConfig
+from ..names import AGENT_SCORERS as SCORERS
 from ..paths import check_writable, run_directory_lock
 from .manifest import read_manifest, write_manifest
 from .stages import load_run_model
+
 
 AGENT_DIR = "agent"
 

@@ -17,6 +17,7 @@ from ..paths import read_json, write_json
 from ..tuner.base_models import load_base_model
 from ..tuner.config import DoubterConfig
 
+
 DOUBTER_USER_FIELDS = DoubterConfig.user_fields()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 from ..data.collection import CollectConfig, cache_identity, check_cache_identity, collect, load_cache, make_judge
 from ..data.prefix_states import attach_prefix_states, prefix_states
@@ -26,15 +26,35 @@ from ..data.prompts import PromptConfig
 from ..deploy.sidecar import doubter_tensors, write_sidecar
 from ..evaluation.protocol import EvalConfig, evaluate_doubter
 from ..evaluation.report import EvaluationReport, plot_risk_coverage
-from ..names import (RUN_MANIFEST, CACHE_MANIFEST, ADAPTER_CONFIG, ADAPTER_DIR, CACHE_DIR, CHECKPOINTS_DIR, PREFIX_STATES_DIR, REPORT_JSON, REPORT_MARKDOWN,
-                     RISK_COVERAGE_PLOT, SIDECAR_FILE)
+from ..names import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    CACHE_DIR,
+    CACHE_MANIFEST,
+    CHECKPOINTS_DIR,
+    PREFIX_STATES_DIR,
+    REPORT_JSON,
+    REPORT_MARKDOWN,
+    RISK_COVERAGE_PLOT,
+    RUN_MANIFEST,
+    SIDECAR_FILE,
+)
+from ..paths import check_writable, read_json, run_directory_lock
 from ..training.config import DoubterSFTConfig
 from ..training.targets import build_training_set
-from ..paths import check_writable, read_json, run_directory_lock
 from ..tuner import backbone
 from ..tuner.loading import load_saved_doubter
-from .manifest import DOUBTER_USER_FIELDS, READ_SIDE, build_doubter_config, collection_differences, load_base, load_questions, read_manifest, \
-    sample_and_split, write_manifest
+from .manifest import (
+    DOUBTER_USER_FIELDS,
+    READ_SIDE,
+    build_doubter_config,
+    collection_differences,
+    load_base,
+    load_questions,
+    read_manifest,
+    sample_and_split,
+    write_manifest,
+)
 
 
 def collect_run(run_dir: Path, collect_config: CollectConfig, prompt_config: PromptConfig,
