@@ -8,6 +8,7 @@ import concurrent.futures
 import importlib.util
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -338,3 +339,55 @@ def test_persistent_process_reports_a_tool_that_failed(tmp_path, build_dir, gemm
     with pytest.raises(RuntimeError, match="llama-doubter stopped \\(exit code -9\\)"):
         process.generate(QUESTION)
     process.close()
+
+
+@pytest.mark.slow
+def test_decision_confidence_matches_pytorch(tmp_path, build_dir):
+    """The tool's decision confidence is the number PyTorch computes, for the same Doubter on the same weights:
+    Gemma-3-270M de-quantized to float32 on both sides (PyTorch's checkpoint converted to an F32 GGUF with
+    llama.cpp's own converter). On the Q4_K_M GGUF llama.cpp also quantizes activations, and the plain base's
+    log-odds alone differ by ~0.1 from PyTorch's, so parity is only defined on an unquantized base."""
+    import torch
+    from peft import get_peft_model
+
+    from peft_doubter import DoubterConfig
+    from peft_doubter.data.sequences import first_target_token
+    from peft_doubter.deploy.sidecar import doubter_tensors
+    from peft_doubter.tuner.base_models import converted_checkpoint, load_base_model
+    from peft_doubter.tuner.confidence import decision_log_odds
+
+    f32 = tmp_path / "gemma-f32.gguf"
+    source = build_dir / "src"
+    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(converted_checkpoint("gemma-3-270m")),
+                    "--outtype", "f32", "--outfile", str(f32)], check=True, capture_output=True, timeout=900,
+                   env={**os.environ, "PYTHONPATH": str(source / "gguf-py")})
+    base, tokenizer = load_base_model("gemma-3-270m")
+    torch.manual_seed(0)
+    config = DoubterConfig(target_layers=[6, 12, 17], cross_attn_layers=[9, 14, 17], confidence="decision",
+                           ca_gate_init=0.3)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "gate" not in name:
+                parameter.normal_(0.0, 0.02)
+    tensors, metadata = doubter_tensors(model)
+    write_sidecar(tmp_path / "d.gguf", tensors, metadata)
+    write_sidecar(tmp_path / "off.gguf", {k: v * 0 if k.endswith("gate") else v for k, v in tensors.items()},
+                  metadata)
+    for prompt in (QUESTION, "Question: Who wrote Hamlet?\nAnswer:", "Q: What is 2 + 2?\nA:"):
+        ids = tokenizer(prompt, return_tensors="pt")
+        refusal = first_target_token(tokenizer, prompt, config.refusal_text, False)
+        with torch.no_grad():
+            expected = float(decision_log_odds(model(**ids).logits[:, -1].double(), refusal)[0])
+            with model.disable_adapter():
+                plain = float(decision_log_odds(model(**ids).logits[:, -1].double(), refusal)[0])
+        run = {"n_predict": 2, "threads": 1, "threshold": 0.5, "build_dir": build_dir}
+        tool = llama_cpp.run_tool(f32, prompt, sidecar=tmp_path / "d.gguf", **run)
+        off = llama_cpp.run_tool(f32, prompt, sidecar=tmp_path / "off.gguf", **run)
+        assert tool["refusal_token"] == refusal
+        # float32 kernels differ (the plain base's log-odds alone by up to ~1.5e-3): log-odds agree to 5e-3, the
+        # confidence (a probability) to 1e-3, and the Doubter's own shift of the log-odds to 2e-3
+        assert abs(tool["log_odds"] - expected) <= 5e-3 and abs(off["log_odds"] - plain) <= 5e-3
+        assert abs(tool["confidence"] - 1 / (1 + np.exp(-expected))) <= 1e-3
+        assert abs(expected - plain) > 1e-2  # the injection moved the number: the match is not the base's alone
+        assert abs((tool["log_odds"] - off["log_odds"]) - (expected - plain)) <= 2e-3
