@@ -5,12 +5,14 @@ clients, and a client that disconnects mid-stream."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -26,9 +28,9 @@ from peft_doubter.serving.app import create_app
 QUESTIONS = ["w10 w11 w12", "w20 w21", "w33 w34 w35 w36", "w40"]
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    service = build_service(trained["run"], corpus=str(trained["corpus"]), model_id="doubter-tiny")
+@contextlib.contextmanager
+def running_server(service) -> Iterator[str]:
+    """A real uvicorn serving `service` on a free loopback port, for the block; yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -39,9 +41,18 @@ def server(trained):
     deadline = time.time() + 30
     while not instance.started and time.time() < deadline:
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "service": service, "run": trained["run"]}
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    service = build_service(trained["run"], corpus=str(trained["corpus"]), model_id="doubter-tiny")
+    with running_server(service) as url:
+        yield {"url": url, "service": service, "run": trained["run"]}
 
 
 @pytest.fixture(scope="module")

@@ -36,4 +36,5 @@ LAYER_SPEC_WORDS = ("all", "late")
 AGENT_ACTIONS = ("answer", "lookup_answer", "decline")
 AGENT_MODES = ("confidence", "text")  # gate on a scorer's confidence, or on whether pass 2 wrote the refusal
 AGENT_SCORERS = ("doubter", "min_token", "probe", "random")
+SERVE_BACKENDS = ("pytorch", "llama.cpp")
 CORPORA = ("sciq-support", "boolq", "sciq-support+boolq")  # lookup corpora that install with the benchmark data

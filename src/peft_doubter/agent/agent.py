@@ -12,6 +12,7 @@ Everything is greedy, so a live run reproduces the simulated policy of `AgentCom
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -39,15 +40,24 @@ LOOKUP = "lookup"
 class InferenceBackend(Protocol):
     """What the agent needs from a model: drafts of cached-question rows and what pass 2 writes."""
 
+    name: str
     refusal: str
+    token_logprobs: bool  # whether drafts carry their tokens' log-probabilities
 
     def drafts(self, examples: Sequence[dict], exemplars: Sequence[dict]) -> list[dict]: ...
 
     def write(self, examples: Sequence[dict], exemplars: Sequence[dict]) -> list[str]: ...
 
+    def read_answer(self, question: str, answer: str, exemplars: Sequence[dict]) -> dict: ...
+
+    def injection_gain(self, gain: float) -> contextlib.AbstractContextManager: ...
+
 
 class TorchBackend:
     """A run's PyTorch Doubter: drafts and their reading exactly as `peft-doubter collect` caches them."""
+
+    name = "pytorch"
+    token_logprobs = True
 
     def __init__(self, model, tokenizer, manifest: dict[str, Any], max_new_tokens: Optional[int] = None) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -82,6 +92,10 @@ class TorchBackend:
                 "answer_states": reading.answer_states[0, :length].cpu().numpy(),
                 "token_signals": signals.cpu().numpy(), "answer_ids": answer_ids,
                 "token_logprobs": signals[:, 0].tolist() or [0.0]}
+
+    def injection_gain(self, gain: float):
+        """A context in which the injection is scaled by `gain` (0: the plain base)."""
+        return self.model.base_model.injection_gain(gain)
 
     def write(self, examples: Sequence[dict], exemplars: Sequence[dict]) -> list[str]:
         """Greedy two-pass generation (the Doubter writes), first line of each."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from ..names import AGENT_MODES, AGENT_SCORERS, CORPORA
+from ..names import AGENT_MODES, AGENT_SCORERS, CORPORA, SERVE_BACKENDS
 from .options import add_dataclass_options, given
 
 
@@ -89,6 +89,10 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="Port.")
     parser.add_argument("--corpus", help=f"Lookup corpus for `doubter.mode: agent`: one of {CORPORA} or a JSONL file.")
     parser.add_argument("--model-id", help="The model name clients use (default: doubter-<run directory name>).")
+    parser.add_argument("--backend", choices=SERVE_BACKENDS, default="pytorch",
+                        help="pytorch, or llama.cpp (the exported sidecar on the base's GGUF; no PyTorch compute).")
+    parser.add_argument("--gguf", type=Path, help="llama.cpp: the base's GGUF (default: the embedded model's).")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp: CPU threads.")
 
 
 def _quickstart_options(parser: argparse.ArgumentParser) -> None:
@@ -209,7 +213,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.command == "serve":
         from ..serving import serve
 
-        serve(run_dir, args.host, args.port, args.corpus, args.model_id)
+        serve(run_dir, args.host, args.port, args.corpus, args.model_id, args.backend, args.gguf, args.threads)
     if args.command == "export":
         from ..runs.stages import export_run
 

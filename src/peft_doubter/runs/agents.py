@@ -72,6 +72,14 @@ def _key(corpus: Optional[str]) -> str:
     return re.sub(r"[^\w.+-]", "_", corpus or "closed-book")
 
 
+def lookup_registry(corpus: Optional[str], k: int = 1) -> ToolRegistry:
+    """The agent's tools: the lookup over `corpus` (none without one)."""
+    registry = ToolRegistry()
+    if corpus:
+        registry.register(lookup_tool(Corpus.named(corpus), k=k))
+    return registry
+
+
 def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doubter", closed: Optional[str] = None,
                 lookup: Optional[str] = None, mode: str = "confidence", model=None, tokenizer=None,
                 lookup_k: int = 1) -> tuple[MetaAgent, dict[str, Any]]:
@@ -81,9 +89,7 @@ def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doub
         model, tokenizer, manifest = load_run_model(run_dir)
     else:
         manifest = read_manifest(run_dir)
-    registry = ToolRegistry()
-    if corpus:
-        registry.register(lookup_tool(Corpus.named(corpus), k=lookup_k))
+    registry = lookup_registry(corpus, lookup_k)
     scorers = make_scorers([scorer], model, tokenizer, manifest, run_dir) if mode == "confidence" else {
         scorer: RandomScorer()}
     thresholds = thresholds_of(run_dir, corpus, scorer, closed, lookup)

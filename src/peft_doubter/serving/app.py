@@ -202,7 +202,8 @@ def create_app(service: DoubterService) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": service.model_id, "lookup": bool(service.agent.max_lookups),
+        return {"status": "ok", "model": service.model_id, "backend": backend.name,
+                "lookup": bool(service.agent.max_lookups),
                 "uptime_seconds": int(time.time()) - service.started}
 
     @app.get("/v1/models")
@@ -229,6 +230,9 @@ def create_app(service: DoubterService) -> FastAPI:
             unknown = sorted(set(request.doubter or {}) - set(known))
             raise RequestError(f"Unknown `doubter` options {unknown}; known: {known}.", param="doubter") from None
         question, history = _check(request, service, max_new_tokens)
+        if request.logprobs and not backend.token_logprobs:
+            raise RequestError(f"`logprobs` cannot be honoured: the {backend.name} back-end gives no token "
+                               "log-probabilities.", param="logprobs", code="unsupported_parameter")
         try:
             result = service.answer(question, options, history)
         except RequestError:

@@ -82,7 +82,7 @@ class DoubterService:
         if options.mode == "agent" and not self.agent.max_lookups:
             raise RequestError("doubter.mode 'agent' needs a lookup corpus: start the server with --corpus.",
                                param="doubter.mode")
-        with self.lock, self.agent.backend.model.base_model.injection_gain(options.gain):
+        with self.lock, self.agent.backend.injection_gain(options.gain):
             return self.agent.run(question, history, scorer=self.scorers[options.scorer],
                                   thresholds=self.thresholds(options),
                                   lookups=self.agent.max_lookups if options.mode == "agent" else 0)
@@ -91,7 +91,7 @@ class DoubterService:
         """The confidence a scorer gives `answer` to `question` (any answer, not only the base's)."""
         if scorer not in self.scorers:
             raise RequestError(f"scorer {scorer!r} is not served (served: {sorted(self.scorers)}).", param="scorer")
-        with self.lock, self.agent.backend.model.base_model.injection_gain(gain):
+        with self.lock, self.agent.backend.injection_gain(gain):
             row = self.agent.backend.read_answer(question, answer, self.agent.exemplars)
             confidence = float(self.scorers[scorer]([row])[0])
         return {"question": question, "answer": answer, "confidence": confidence, "scorer": scorer,

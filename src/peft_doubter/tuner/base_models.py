@@ -74,6 +74,18 @@ def converted_checkpoint(name: str) -> Path:
     return target
 
 
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a base model as `load_base_model` returns it, without loading the weights."""
+    if name_or_path in EMBEDDED_MODELS:
+        name_or_path = str(converted_checkpoint(name_or_path))
+    path = Path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf" else \
+        AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_model(
     name_or_path: str,
     *,
@@ -92,11 +104,7 @@ def load_base_model(
         name_or_path = str(converted_checkpoint(name_or_path))
     path = Path(name_or_path)
     if path.suffix == ".gguf":
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(name_or_path)
