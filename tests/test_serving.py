@@ -5,47 +5,20 @@ clients, and a client that disconnects mid-stream."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import math
 import re
-import socket
-import threading
-import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from peft_doubter.runs.ask import ask, calibrated_threshold
 from peft_doubter.runs.stages import load_run_model
-from peft_doubter.serving import build_service
-from peft_doubter.serving.app import create_app
+from peft_doubter.serving import build_service, running_server
 
 
 QUESTIONS = ["w10 w11 w12", "w20 w21", "w33 w34 w35 w36", "w40"]
-
-
-@contextlib.contextmanager
-def running_server(service) -> Iterator[str]:
-    """A real uvicorn serving `service` on a free loopback port, for the block; yields its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not instance.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

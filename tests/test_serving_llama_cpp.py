@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 from test_llama_cpp import make_sidecar
-from test_serving import running_server
 
 from peft_doubter.agent.agent import example_for
 from peft_doubter.data.collection import CollectConfig
@@ -19,7 +18,7 @@ from peft_doubter.data.prompts import PromptConfig, first_line
 from peft_doubter.deploy import llama_cpp
 from peft_doubter.names import SIDECAR_FILE
 from peft_doubter.runs.manifest import write_manifest
-from peft_doubter.serving import build_llama_cpp_service
+from peft_doubter.serving import build_llama_cpp_service, running_server
 
 
 pytestmark = pytest.mark.llama_cpp

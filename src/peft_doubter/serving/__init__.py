@@ -3,7 +3,12 @@ llama.cpp (`llama-doubter --jsonl`, no PyTorch compute)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -80,3 +85,29 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, corpus: Opti
     service = build_service(run_dir, corpus, model_id) if backend == "pytorch" else \
         build_llama_cpp_service(run_dir, gguf, corpus, model_id, threads)
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def running_server(service, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `service` with uvicorn in a background thread for the block (port 0: a free one); yields its URL."""
+    import uvicorn
+
+    from .app import create_app
+
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise RuntimeError(f"The server did not start on {host}:{port}.")
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
