@@ -30,11 +30,15 @@ def server(trained):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server["url"])
 
 
-def ask_server(client: openai.OpenAI, question: str, **doubter):
-    return client.chat.completions.create(model="doubter-tiny", messages=[{"role": "user", "content": question}],
+def openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask_server(client: openai.OpenAI, question: str, model: str = "doubter-tiny", **doubter):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                           extra_body={"doubter": doubter} if doubter else None)
 
 

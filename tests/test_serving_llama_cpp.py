@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 from test_llama_cpp import make_sidecar
+from test_serving import ask_server as ask_test_server
+from test_serving import openai_client
 
 from peft_doubter.agent.agent import example_for
 from peft_doubter.data.collection import CollectConfig
@@ -64,12 +66,11 @@ def server(tmp_path_factory, build_dir):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server["url"])
 
 
 def ask_server(client: openai.OpenAI, question: str, **doubter):
-    return client.chat.completions.create(model="doubter-gemma", messages=[{"role": "user", "content": question}],
-                                          extra_body={"doubter": doubter} if doubter else None)
+    return ask_test_server(client, question, "doubter-gemma", **doubter)
 
 
 def test_health_names_the_backend(server, client):
