@@ -1,91 +1,117 @@
-"""End-to-end agreement of the llama.cpp Doubter with PyTorch on held-out questions of a trained run.
+"""Agreement of the llama.cpp Doubter with PyTorch on the held-out questions of a trained run, and its speed.
 
-    python benchmarks/bench_llama_cpp_parity.py --run-dir runs/quickstart --questions 200
+    python benchmarks/bench_llama_cpp_parity.py --run-dir RUNS/sciq-open-agent [--gguf base.gguf] [--json out.json]
 
-Exports the run's sidecar, then answers the same held-out prompts greedily with PyTorch (the base loaded from the
-same Q4_K_M GGUF, de-quantized) and with `llama-doubter` on the GGUF itself. Reports how often the answer/decline
-decision agrees and how often the first generated token agrees, with Wilson intervals. Targets: decisions >= 95%,
-first tokens >= 90%. Also times the two-pass tool against `--no-doubter` on the same prompts.
+The run must use the embedded gemma-3-270m with the decision confidence. Exports the run's sidecar (unless an export
+newer than the adapter is there), then scores
+every test prompt with `llama-doubter --jsonl` on a GGUF of the base (default: the embedded Q4_K_M; `--gguf` takes
+e.g. an F32 conversion) and compares its decision confidence with the one `peft-doubter eval` stored for the same
+question (PyTorch, float32): absolute differences, and how often answer/decline agrees at thresholds set at the
+deciles of PyTorch's confidences (and at the calibrated threshold when one was certified), with Wilson intervals.
+Also how often the base's greedy draft is the same text in both. Then times the two-pass tool against
+`--no-doubter` on `--timing-questions` prompts: time to first token and decode speed (medians, one process per
+prompt, as a user runs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
-from peft_doubter.data.collection import load_cache, stop_token_ids
-from peft_doubter.data.prompts import first_line
-from peft_doubter.data.scoring import is_refusal
-from peft_doubter.deploy.llama_cpp import ensure_llama_cpp_build, run_tool
-from peft_doubter.evaluation.metrics import wilson_interval
-from peft_doubter.runs.stages import export_run, load_run_model
+from peft_doubter.data.collection import load_cache
+from peft_doubter.deploy.llama_cpp import LlamaDoubterProcess, ensure_llama_cpp_build, run_tool
+from peft_doubter.evaluation.statistics import wilson_interval
+from peft_doubter.names import ADAPTER_DIR, EVAL_DIR, REPORT_JSON, SIDECAR_FILE
+from peft_doubter.runs.manifest import read_manifest
+from peft_doubter.runs.stages import export_run
 from peft_doubter.tuner.base_models import embedded_gguf_path
+
+
+def agreement(torch_conf: np.ndarray, llama_conf: np.ndarray, threshold: float) -> dict:
+    same = int(((torch_conf >= threshold) == (llama_conf >= threshold)).sum())
+    return {"threshold": threshold, "answered_torch": int((torch_conf >= threshold).sum()), "agree": same,
+            "agreement": same / len(torch_conf), "agreement_ci": wilson_interval(same, len(torch_conf))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--gguf", type=Path, help="the base as GGUF (default: the embedded Q4_K_M)")
+    parser.add_argument("--questions", type=int, help="only the first N test questions")
+    parser.add_argument("--timing-questions", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    build = ensure_llama_cpp_build(build=True)
-    model, tokenizer, manifest = load_run_model(args.run_dir)
-    if manifest["collect"]["model"] != "gemma-3-270m":
-        raise SystemExit("This comparison needs a run on the embedded gemma-3-270m (its GGUF is what llama.cpp runs).")
-    gguf = embedded_gguf_path("gemma-3-270m")
-    sidecar = export_run(args.run_dir)
-    refusal = model.peft_config[model.active_adapter].refusal_text
+    manifest = read_manifest(args.run_dir)
+    if manifest["collect"]["model"] != "gemma-3-270m" or manifest["doubter"].get("confidence") != "decision":
+        raise SystemExit("This comparison needs a run on the embedded gemma-3-270m with the decision confidence.")
+    report = json.loads((args.run_dir / EVAL_DIR / REPORT_JSON).read_text())
     cache = load_cache(args.run_dir / manifest["cache"])
-    test = [cache[i] for i, split in enumerate(cache["split"]) if split == "test"][: args.questions]
+    test = [i for i, split in enumerate(cache["split"]) if split == report["meta"]["split"]]
+    if [bool(cache[i]["correct"]) for i in test] != [bool(c) for c in report["correct"]]:
+        raise SystemExit("The report's questions are not the cache's test rows in order.")
+    test = test[: args.questions]
+    torch_conf = np.asarray(report["scores"]["doubter"]["confidence"], dtype=float)[: len(test)]
+    build = ensure_llama_cpp_build(build=True)
+    gguf = args.gguf or embedded_gguf_path("gemma-3-270m")
+    sidecar = args.run_dir / SIDECAR_FILE
+    adapter = args.run_dir / manifest.get("adapter", ADAPTER_DIR)
+    if not sidecar.exists() or sidecar.stat().st_mtime < max(f.stat().st_mtime for f in adapter.iterdir()):
+        sidecar = export_run(args.run_dir)
 
-    decisions = first_tokens = 0
+    llama_conf, same_draft, rows = [], 0, []
+    with LlamaDoubterProcess(gguf, sidecar, threads=args.threads, build_dir=build) as tool:
+        for index in tqdm(test, desc="llama.cpp confidence", unit="q"):
+            row = cache[index]
+            reply = tool.generate(row["prompt"], n_predict=args.max_new_tokens, threshold=0.5)
+            llama_conf.append(reply["confidence"])
+            draft = reply["draft"].strip().split("\n")[0].strip()
+            same_draft += draft == row["pass1_answer"].strip()
+            rows.append({"id": row["id"], "llama_cpp_draft": draft, "pytorch_draft": row["pass1_answer"]})
+    llama_conf = np.asarray(llama_conf, dtype=float)
+    for row, confidence in zip(rows, llama_conf):
+        row["llama_cpp_confidence"] = float(confidence)
+    for row, confidence in zip(rows, torch_conf):
+        row["pytorch_confidence"] = float(confidence)
+    difference = np.abs(llama_conf - torch_conf)
+    thresholds = [float(t) for t in np.quantile(torch_conf, np.linspace(0.1, 0.9, 9))]
+    calibrated = report["meta"]["calibrated"]["threshold"]
+    n = len(test)
+
     timings: dict[str, list[float]] = {"doubter_prompt_ms": [], "doubter_tok_s": [], "plain_prompt_ms": [],
                                        "plain_tok_s": []}
-    disagreements = []
-    for row in tqdm(test, desc="PyTorch vs llama.cpp", unit="q"):
-        inputs = tokenizer(row["prompt"], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        torch_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
-        torch_text = first_line(tokenizer.decode(torch_tokens, skip_special_tokens=True))
-        llama = run_tool(gguf, row["prompt"], sidecar=sidecar, n_predict=args.max_new_tokens, threads=args.threads,
-                         build_dir=build)
-        llama_text = first_line(llama["text"])
-        same_decision = is_refusal(torch_text, refusal) == is_refusal(llama_text, refusal)
-        decisions += same_decision
-        first_tokens += bool(llama["tokens"]) and llama["tokens"][0] == torch_tokens[0]
-        if not same_decision:
-            disagreements.append({"question": row["question"], "torch": torch_text, "llama.cpp": llama_text})
-        plain = run_tool(gguf, row["prompt"], sidecar=None, n_predict=args.max_new_tokens, threads=args.threads,
-                         build_dir=build, ignore_eos=True)
-        timed = run_tool(gguf, row["prompt"], sidecar=sidecar, n_predict=args.max_new_tokens, threads=args.threads,
-                         build_dir=build, ignore_eos=True)
-        timings["doubter_prompt_ms"].append(timed["timing"]["prompt_ms"])
-        timings["doubter_tok_s"].append(timed["timing"]["decode_tok_s"])
-        timings["plain_prompt_ms"].append(plain["timing"]["prompt_ms"])
-        timings["plain_tok_s"].append(plain["timing"]["decode_tok_s"])
-    n = len(test)
-    medians = {name: statistics.median(values) for name, values in timings.items()}
+    for index in tqdm(test[: args.timing_questions], desc="timing", unit="q"):
+        prompt = cache[index]["prompt"]
+        for mode, side in (("plain", None), ("doubter", sidecar)):
+            timed = run_tool(gguf, prompt, sidecar=side, n_predict=args.max_new_tokens, threads=args.threads,
+                             build_dir=build, ignore_eos=True)
+            timings[f"{mode}_prompt_ms"].append(timed["timing"]["prompt_ms"])
+            timings[f"{mode}_tok_s"].append(timed["timing"]["decode_tok_s"])
+    medians = {name: statistics.median(values) for name, values in timings.items()} if args.timing_questions else {}
+
     result = {
-        "run_dir": str(args.run_dir), "questions": n,
-        "decision_agreement": decisions / n, "decision_ci": wilson_interval(decisions, n),
-        "first_token_agreement": first_tokens / n, "first_token_ci": wilson_interval(first_tokens, n),
-        "median_timings": medians,
-        "decode_ratio": medians["doubter_tok_s"] / medians["plain_tok_s"],
-        "prompt_time_ratio": medians["doubter_prompt_ms"] / medians["plain_prompt_ms"],
-        "disagreements": disagreements[:10],
+        "run_dir": str(args.run_dir), "gguf": str(gguf), "questions": n,
+        "confidence_abs_diff": {"median": float(np.median(difference)), "p95": float(np.quantile(difference, 0.95)),
+                                "max": float(difference.max()), "within_1e-3": float((difference <= 1e-3).mean())},
+        "decision_agreement_at_deciles": [agreement(torch_conf, llama_conf, t) for t in thresholds],
+        "decision_agreement_at_calibrated": (agreement(torch_conf, llama_conf, calibrated)
+                                             if calibrated is not None and math.isfinite(calibrated) else None),
+        "calibrated_threshold": calibrated,
+        "same_draft": same_draft / n, "same_draft_ci": wilson_interval(same_draft, n),
+        "timing_questions": min(args.timing_questions, n), "median_timings": medians,
+        "time_to_first_token_ratio": (medians["doubter_prompt_ms"] / medians["plain_prompt_ms"]) if medians else None,
+        "decode_ratio": (medians["doubter_tok_s"] / medians["plain_tok_s"]) if medians else None,
+        "questions_scored": rows,
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "questions_scored"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -6,7 +6,8 @@ Every variant trains on the same train split, selects checkpoints on the same va
 same test questions, beside the same baselines (`peft-doubter eval --generate-text false`: ranking and risk control,
 no text generation). A variant is: where pass 1 reads (the prompt's last token or the answer's), the encoder, which
 confidence is evaluated (`ratio`: P(answer) vs P(refusal); `decision`: the refusal's probability at the first answer
-position) and whether that confidence is trained directly (BCE + pairwise ranking) or only through the LM loss.
+position; `head`: a linear unit on the encoder's cognitive tokens, no pass 2) and whether that confidence is trained
+directly (BCE + pairwise ranking) or only through the LM loss.
 All variants share the collected cache and one cache of lower-layer states (the sequences are the same). Each stage
 resumes: a finished adapter or report is kept. The summary (`variants.json`, `variants.md`) has each variant's
 AUROC with its interval and its paired difference against every baseline.
@@ -47,6 +48,8 @@ VARIANTS = {  # name -> (reads, Doubter settings, training settings)
     "answer-selective-decision-bce": ("answer", {"encoder_type": "selective", "confidence": "decision"}, {}),
     "answer-attentive-decision-bce": ("answer", {"encoder_type": "attentive", "confidence": "decision"}, {}),
     "prompt-selective-decision-bce": ("prompt", {"encoder_type": "selective", "confidence": "decision"}, {}),
+    "answer-attentive-head-bce": ("answer", {"encoder_type": "attentive", "confidence": "head"}, {}),
+    "prompt-selective-head-bce": ("prompt", {"encoder_type": "selective", "confidence": "head"}, {}),
 }
 
 

@@ -247,6 +247,21 @@ def test_live_agent_reproduces_the_simulated_actions(trained, tmp_path):
     assert {d["live"] for d in check["details"]} >= {"answer"}
 
 
+def test_agent_cache_writes_pass_2_text_only_for_the_compared_split(trained, tmp_path):
+    model, tokenizer, manifest = stages.load_run_model(trained["run"])
+    registry = ToolRegistry()
+    registry.register(lookup_tool(Corpus.from_jsonl(trained["corpus"])))
+    agent = MetaAgent(TorchBackend(model, tokenizer, manifest), MinTokenScorer(), Thresholds(0.5, 0.5),
+                      manifest["exemplars"], registry)
+    cache = load_cache(trained["run"] / "cache")
+    questions = [cache[i] for split in ("val", "test") for i in np.flatnonzero(np.array(cache["split"]) == split)[:2]]
+    rows = build_cache(agent, {"min_token": MinTokenScorer()}, questions, make_judge("exact_match"),
+                       tmp_path / "cache", text_mode=True, shard_size=4)
+    for row in rows:
+        for regime in ("closed", "open"):
+            assert bool(row[f"{regime}_written"]) == (row["split"] == "test"), (row["split"], regime)
+
+
 def test_chat_session_and_commands(trained):
     lines = iter(["", "/help", "/threshold 0 0", "w10 w11", "/trace", "w12 w13", "/threshold x", "/quit"])
     said: list[str] = []

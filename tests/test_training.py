@@ -415,3 +415,39 @@ def test_ask_refuses_a_threshold_outside_zero_to_one(workspace, capsys):
     for text in ("nan", "1.5", "-0.1"):
         assert cli.main(["ask", "--run-dir", str(workspace["run"]), "--threshold", text, "w12"]) == 2
         assert "--threshold is a confidence in [0, 1]" in capsys.readouterr().err
+
+
+def test_head_confidence_trains_scores_from_pass_one_and_is_not_exported(workspace, tmp_path):
+    """`confidence='head'`: a linear unit on the cognitive tokens, trained by the confidence loss (it gets a gradient
+    and checkpoints are chosen on its validation AUROC); scoring needs pass 1's reading only, `ask` thresholds the
+    same number, and the sidecar refuses it by name."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    args = {"num_train_epochs": 2, "per_device_train_batch_size": 4, "probe_epochs": 1, "learning_rate": 2e-3,
+            "early_stopping_patience": None}
+    trainer = stages.train_run(run_dir, args, {"confidence": "head"})
+    encoder = trainer.model.base_model.doubter_encoder["default"]
+    assert encoder.confidence_head is not None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.zero_grad()
+    trainer.compute_loss(trainer.model, batch).backward()
+    assert encoder.confidence_head.weight.grad.abs().sum() > 0, "the confidence loss reaches the head"
+    history = read_manifest(run_dir)["train"]["log_history"]
+    assert any("eval_auroc" in entry for entry in history), "checkpoints are chosen on the head's AUROC"
+
+    model, tokenizer, manifest = stages.load_run_model(run_dir)
+    assert model.peft_config[model.active_adapter].confidence == "head"
+    rows = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"][:3]
+    refusal = model.peft_config[model.active_adapter].refusal_text
+    scores = doubter_log_odds(model, tokenizer, rows, refusal, "letter", False, 2)
+    from peft_doubter.data.sequences import cached_reading
+
+    loaded = model.base_model.doubter_encoder["default"]
+    with torch.no_grad():
+        direct = loaded.confidence_log_odds(loaded(cached_reading(rows))).double().numpy()
+        trained = encoder.confidence_log_odds(encoder(cached_reading(rows))).double().numpy()
+    assert scores == pytest.approx(direct, abs=1e-6) and direct == pytest.approx(trained, abs=1e-5)
+    asked = ask(run_dir, rows[0]["question"], manifest["collect"]["max_new_tokens"], model, tokenizer, threshold=0.0)
+    assert asked.confidence == pytest.approx(float(sigmoid(scores[:1])[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="confidence='head' has no llama.cpp implementation yet"):
+        stages.export_run(run_dir)

@@ -29,7 +29,8 @@ CORRECTION_PREFIX = "Wait, the correct answer is"
 ENCODER_TYPES = ("selective", "multi_token", "transformer", "attentive")
 POOLINGS = ("last", "mean", "last_mean")
 READ_POSITIONS = ("prompt", "answer")
-CONFIDENCES = ("decision", "ratio")
+CONFIDENCES = ("decision", "ratio", "head")
+SIDECAR_CONFIDENCES = ("decision", "ratio")  # those a llama.cpp sidecar holds
 LAYER_SPEC_WORDS = ("all", "late")
 
 # --------------------------------------------------------------------------------------------------- the agent

@@ -46,9 +46,11 @@ def cache_features(scorers: Sequence[str]) -> datasets.Features:
 
 
 def build_cache(agent: MetaAgent, scorers: dict[str, Any], questions: Sequence[dict], judge, directory: Path,
-                text_mode: bool = True, shard_size: int = 50) -> datasets.Dataset:
+                text_mode: bool = True, shard_size: int = 50, written_split: str = "test") -> datasets.Dataset:
     """The per-question cache (resumable shards). `agent` supplies the backend, exemplars and lookup tool;
-    `scorers` every gate to score both drafts with; `questions` are cached-question rows (with gold answers)."""
+    `scorers` every gate to score both drafts with; `questions` are cached-question rows (with gold answers). With
+    `text_mode`, what pass 2 writes is recorded for the questions of `written_split` (the compared split: text mode
+    has no threshold to calibrate, and writing costs more than drafting and scoring together)."""
     import time
 
     features = cache_features(list(scorers))
@@ -72,7 +74,8 @@ def build_cache(agent: MetaAgent, scorers: dict[str, Any], questions: Sequence[d
                     question["question"], draft["pass1_answer"], list(question["answers"]))
                 for name, scorer in scorers.items():
                     out[f"{regime}_{name}"] = float(np.asarray(scorer([draft]))[0])
-                out[f"{regime}_written"] = agent.backend.write([example], exemplars)[0] if text_mode else ""
+                out[f"{regime}_written"] = (agent.backend.write([example], exemplars)[0]
+                                              if text_mode and question["split"] == written_split else "")
             rows.append(out)
             progress.update(1)
         return rows

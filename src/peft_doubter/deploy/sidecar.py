@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..names import CONFIDENCES, POOLINGS, SIDECAR_FILE
+from ..names import POOLINGS, SIDECAR_CONFIDENCES, SIDECAR_FILE
 from ..paths import fetch_file
 from .sidecar_format import (
     ADAPTER_TYPE,
@@ -60,8 +60,8 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if meta["encoder_type"] not in SIDECAR_ENCODERS:
         raise ValueError(f"`encoder_type` must be one of {SIDECAR_ENCODERS} in a sidecar (llama.cpp implements "
                          f"those), got {meta['encoder_type']!r}.")
-    if meta["confidence"] not in CONFIDENCES:
-        raise ValueError(f"`confidence` must be one of {CONFIDENCES}, got {meta['confidence']!r}.")
+    if meta["confidence"] not in SIDECAR_CONFIDENCES:
+        raise ValueError(f"`confidence` must be one of {SIDECAR_CONFIDENCES} in a sidecar, got {meta['confidence']!r}.")
     if meta["pooling"] not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {meta['pooling']!r}.")
     for field in ("read_layers", "inject_layers"):
@@ -243,6 +243,9 @@ def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[d
     if config.read_position != "prompt":
         raise ValueError(f"read_position={config.read_position!r} has no llama.cpp implementation yet: the sidecar "
                          "holds Doubters that read the prompt.")
+    if config.confidence not in SIDECAR_CONFIDENCES:
+        raise ValueError(f"confidence={config.confidence!r} has no llama.cpp implementation yet: the sidecar holds "
+                         f"Doubters with the confidences {SIDECAR_CONFIDENCES}.")
     plan = doubter._plans[adapter]
     tensors = {f"encoder.{k}": v.detach().float().cpu().numpy()
                for k, v in doubter.doubter_encoder[adapter].state_dict().items()}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..names import CONFIDENCES, ENCODER_TYPES, POOLINGS
+from ..names import ENCODER_TYPES, POOLINGS, SIDECAR_CONFIDENCES
 
 
 # general keys, as in llama.cpp's LoRA adapters
@@ -81,7 +81,7 @@ META_KEYS = (
     MetaKey("refresh_threshold", "f32"),
     MetaKey("refresh_interval", "u32"),
     MetaKey("refusal_text", "str"),
-    # which confidence the Doubter was trained and evaluated with (`names.CONFIDENCES`); llama.cpp computes `decision`
+    # the confidence the Doubter was trained and evaluated with (`names.SIDECAR_CONFIDENCES`); llama.cpp computes `decision`
     MetaKey("confidence", "str"),
     MetaKey("base_fingerprint", "str", required=False),  # JSON text
 )
@@ -258,7 +258,7 @@ def c_header() -> str:
     lines.append("")
     lines += [define("NAME_ENCODER_" + t.upper(), t) for t in SIDECAR_ENCODERS]
     lines += [define("NAME_POOLING_" + p.upper(), p) for p in POOLINGS]
-    lines += [define("NAME_CONFIDENCE_" + c.upper(), c) for c in CONFIDENCES]
+    lines += [define("NAME_CONFIDENCE_" + c.upper(), c) for c in SIDECAR_CONFIDENCES]
     lines.append("")
     lines.append("// tensor names: printf formats, %d = read-layer position {r}, block {k} or inject layer {l}")
     lines += [define("TN_" + t.macro, re.sub(r"\{[rkl]\}", "%d", t.gguf)) for t in TENSOR_NAMES]

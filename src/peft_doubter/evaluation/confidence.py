@@ -2,7 +2,7 @@
 
 The confidence is computed as log-odds (see `peft_doubter.tuner.confidence`): `decision` reads the probability of
 starting the refusal at the end of the prompt in pass 2, `ratio` compares the teacher-forced probabilities of the
-base's own answer and of the refusal. Log-odds keep their precision where the probability saturates, so the ranking
+base's own answer and of the refusal, `head` is the encoder's linear head on pass 1's reading (no pass 2). Log-odds keep their precision where the probability saturates, so the ranking
 metrics and the stored per-question scores are exact. Its text behaviour (greedy two-pass generation) is reported
 separately: declined, answered (same or different answer than pass 1) or corrected.
 """
@@ -69,12 +69,17 @@ def decision_scores(model, tokenizer, rows: Sequence[dict], refusal: str, chat: 
 def doubter_log_odds(model, tokenizer, rows: Sequence[dict], refusal: str, mc_format: str, chat: bool,
                      batch_size: int, progress: bool = True) -> np.ndarray:
     """The Doubter's confidence in each cached question's pass-1 answer, as float64 log-odds (its sigmoid is the
-    confidence), by the adapter's `confidence` (`decision` or `ratio`)."""
+    confidence), by the adapter's `confidence` (`decision`, `ratio` or `head`)."""
     kind = model.peft_config[model.active_adapter].confidence
     attentive = model.peft_config[model.active_adapter].encoder_type == "attentive"
     scores = []
     for start in tqdm(range(0, len(rows), batch_size), desc="Doubter confidence", unit="batch", disable=not progress):
         batch = rows[start:start + batch_size]
+        if kind == "head":
+            with torch.no_grad():
+                log_odds = model.base_model.head_log_odds(cached_reading(batch, answer=attentive))
+            scores.append(log_odds.double().cpu().numpy())
+            continue
         if kind == "decision":
             scores.append(decision_scores(model, tokenizer, batch, refusal, chat).double().numpy())
             continue

@@ -45,11 +45,11 @@ class DoubterSFTConfig(SFTConfig):
     )
     confidence_loss_weight: float = field(
         default=1.0,
-        metadata={"help": "Weight of the class-balanced BCE on the decision confidence (confidence='decision')."},
+        metadata={"help": "Weight of the class-balanced BCE on the confidence (confidence='decision' or 'head')."},
     )
     ranking_loss_weight: float = field(
         default=1.0,
-        metadata={"help": "Weight of the pairwise ranking loss on the decision confidence (AUROC's surrogate)."},
+        metadata={"help": "Weight of the pairwise ranking loss on the confidence (AUROC's surrogate)."},
     )
 
     learning_rate: float = field(default=2e-4, metadata={"help": "Base learning rate (AdamW)."})
@@ -67,7 +67,7 @@ class DoubterSFTConfig(SFTConfig):
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint."})
     metric_for_best_model: Optional[str] = field(
-        default="auroc", metadata={"help": "Checkpoint selection: validation AUROC of the decision confidence."}
+        default="auroc", metadata={"help": "Checkpoint selection: validation AUROC of the (decision or head) confidence."}
     )
     greater_is_better: Optional[bool] = field(default=True, metadata={"help": "Higher AUROC is better."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})

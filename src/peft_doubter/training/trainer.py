@@ -155,11 +155,12 @@ class DoubterTrainer(SFTTrainer):
         if processing_class is None:
             raise ValueError("DoubterTrainer needs `processing_class` (the base model's tokenizer).")
         args = args or DoubterSFTConfig(output_dir="doubter-output")
-        self.decision = model.peft_config[model.active_adapter].confidence == "decision"
-        if not self.decision and args.metric_for_best_model in ("auroc", "eval_auroc"):
-            raise ValueError("Checkpoints are chosen on the validation AUROC of the decision confidence; with "
+        self.confidence = model.peft_config[model.active_adapter].confidence
+        self.step_scored = self.confidence in ("decision", "head")  # the confidence comes out of a training step
+        if not self.step_scored and args.metric_for_best_model in ("auroc", "eval_auroc"):
+            raise ValueError("Checkpoints are chosen on the validation AUROC of the decision or head confidence; with "
                              "confidence='ratio' set `metric_for_best_model='loss'` and `greater_is_better=False`.")
-        if self.decision and kwargs.get("compute_metrics") is None:
+        if self.step_scored and kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = auroc_metric
         labelled = train_dataset is not None and "correct" in train_dataset.column_names
         correct = np.asarray(train_dataset["correct"], dtype=bool) if labelled else np.ones(1, dtype=bool)
@@ -192,28 +193,34 @@ class DoubterTrainer(SFTTrainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """Cross-entropy of the target tokens (LM-head logits only in the target columns), plus the confidence loss
-        on the decision log-odds (`confidence_loss`), divided by the accumulation steps like the LM loss."""
+        on the decision (or head) log-odds (`confidence_loss`), divided by the accumulation steps like the LM loss."""
         inputs = dict(inputs)
         correct, refusal_token = inputs.pop("correct", None), inputs.pop("refusal_token", None)
         loss, outputs = target_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         weights = (self.args.confidence_loss_weight, self.args.ranking_loss_weight)
-        if self.decision and correct is not None and any(weights):
-            outputs.decision_log_odds = decision_log_odds(outputs.logits[:, 0], refusal_token)
-            extra = confidence_loss(outputs.decision_log_odds, correct, self.pos_weight, *weights)
+        if self.step_scored and correct is not None and any(weights):
+            outputs.confidence_log_odds = self.log_odds(outputs, refusal_token)
+            extra = confidence_loss(outputs.confidence_log_odds, correct, self.pos_weight, *weights)
             loss = loss + extra / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
+    def log_odds(self, outputs: Any, refusal_token: torch.Tensor) -> torch.Tensor:
+        """The confidence's log-odds of a batch: the head's, or the decision's at the first answer position."""
+        if self.confidence == "head":
+            return outputs.confidence_log_odds
+        return decision_log_odds(outputs.logits[:, 0], refusal_token)
+
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: Optional[list[str]] = None) -> tuple[Any, Any, Any]:
-        """(loss, decision log-odds, oracle) of an evaluation batch, for the validation AUROC."""
+        """(loss, confidence log-odds, oracle) of an evaluation batch, for the validation AUROC."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-            if prediction_loss_only or not self.decision:
+            if prediction_loss_only or not self.step_scored:
                 return loss.detach(), None, None
-            scores = decision_log_odds(outputs.logits[:, 0], inputs["refusal_token"])
+            scores = self.log_odds(outputs, inputs["refusal_token"])
         return loss.detach(), scores.detach().float(), inputs["correct"].float()
 
     def pretrain_projectors(self) -> list[float]:

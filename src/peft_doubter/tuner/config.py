@@ -102,7 +102,9 @@ class DoubterConfig(PeftConfig):
         metadata={
             "help": "The confidence the Doubter reports, ranks and is thresholded on: 'decision' (1 - the "
             "probability that pass 2 starts the refusal, at the first answer position; independent of the answer's "
-            "length) or 'ratio' (P(answer) / (P(answer) + P(refusal)) of the teacher-forced sequences)."
+            "length), 'ratio' (P(answer) / (P(answer) + P(refusal)) of the teacher-forced sequences) or 'head' (a linear "
+            "unit on the mean of the encoder's cognitive tokens, trained by the confidence loss: read from pass 1 "
+            "alone, no pass 2 needed to score)."
         },
     )
     num_cognitive_tokens: Optional[int] = field(

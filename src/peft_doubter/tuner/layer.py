@@ -123,6 +123,13 @@ class CognitiveEncoder(nn.Module):
             self.answer_pooling = AnswerPooling(config, b)
         self.output = OutputHead(b, hidden_size, eps)
         self.output_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.confidence_head = nn.Linear(hidden_size, 1) if config.confidence == "head" else None
+
+    def confidence_log_odds(self, tokens: torch.Tensor) -> torch.Tensor:
+        """With `confidence='head'`: the confidence's log-odds (B,) from the cognitive tokens (B, T, H)."""
+        if self.confidence_head is None:
+            raise ValueError("This Doubter has no confidence head: it was built with confidence != 'head'.")
+        return self.confidence_head(tokens.mean(1)).squeeze(-1)
 
     def layer_gates(self, features: torch.Tensor) -> torch.Tensor:
         """Per-layer encoder gate values, (B, R, 1)."""

@@ -342,5 +342,14 @@ class DoubterModel(CheckedLoadingMixin, PassOneMixin, TwoPassGenerationMixin, Ba
         tokens = self.encode(pass1_features)
         first_inject = self._plans[self._active].first_inject
         with self._injecting(tokens), self._replaying(first_inject, prefix_output):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            output = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        encoder = self.doubter_encoder[self._active]
+        if encoder.confidence_head is not None:
+            output.confidence_log_odds = encoder.confidence_log_odds(tokens)
+        return output
+
+    def head_log_odds(self, reading: torch.Tensor | Reading) -> torch.Tensor:
+        """With `confidence='head'`: the confidence's log-odds (B,) from pass 1's reading alone (no pass 2)."""
+        encoder = self.doubter_encoder[self._active or self.active_adapters[0]]
+        return encoder.confidence_log_odds(self.encode(reading))
 
