@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from peft_doubter.evaluation.report import EvaluationReport
@@ -34,3 +36,38 @@ def test_committed_report_recomputes_from_its_stored_scores(path):
         for key, value in reported.items():  # JSON writes an undefined proportion (no corrections: 0/0) as null
             expected = math.nan if value is None else value
             assert again[key] == pytest.approx(expected, abs=1e-9, nan_ok=True), (name, key)
+
+
+ABLATIONS = sorted(RESULTS.rglob("encoder_head.json"))
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda path: str(path.relative_to(RESULTS)))
+def test_committed_ablation_recomputes_from_its_stored_confidences(path):
+    from peft_doubter.evaluation.metrics import auroc
+
+    ablation = json.loads(path.read_text())
+    correct = np.asarray(ablation["test_correct"], dtype=bool)
+    assert ablation["variants"] and len(correct) == ablation["n_test"]
+    for name, variant in ablation["variants"].items():
+        assert len(variant["confidence"]) == len(correct), name
+        assert auroc(correct, variant["confidence"]) == pytest.approx(variant["test_auroc"], abs=1e-12), name
+
+
+PARITIES = sorted(RESULTS.rglob("llama_cpp_parity*.json"))
+
+
+@pytest.mark.parametrize("path", PARITIES, ids=lambda path: str(path.relative_to(RESULTS)))
+def test_committed_llama_cpp_parity_recomputes_from_its_stored_confidences(path):
+    parity = json.loads(path.read_text())
+    rows = parity["questions_scored"]
+    assert len(rows) == parity["questions"]
+    torch_conf = np.array([row["pytorch_confidence"] for row in rows])
+    llama_conf = np.array([row["llama_cpp_confidence"] for row in rows])
+    difference = np.abs(torch_conf - llama_conf)
+    assert float(np.median(difference)) == pytest.approx(parity["confidence_abs_diff"]["median"], abs=1e-12)
+    assert float(difference.max()) == pytest.approx(parity["confidence_abs_diff"]["max"], abs=1e-12)
+    for entry in parity["decision_agreement_at_deciles"]:
+        agree = int(((torch_conf >= entry["threshold"]) == (llama_conf >= entry["threshold"])).sum())
+        assert agree == entry["agree"]
+    same = sum(row["llama_cpp_draft"] == row["pytorch_draft"].strip() for row in rows)
+    assert same / len(rows) == pytest.approx(parity["same_draft"], abs=1e-12)
