@@ -11,6 +11,7 @@ Training arms (the same Doubter, late layers, on the same few-shot TriviaQA rows
 Scoring arms (questions/s of the Doubter's confidence on cached questions):
   ratio        P(answer) vs P(refusal), two teacher-forced continuations through the full pass 2 (the first release)
   decision     the refusal's probability at the end of the prompt, pass 2 from the cached lower-layer states
+  head         the encoder's linear head on the cached pass-1 reading (`confidence="head"`: no pass 2)
 Samples/s exclude the first step (allocators, warm-up); peak memory is the resident-set growth of the arm's process
 (CUDA peak on a GPU). Targets (issue 13): trainer >= 6x naive samples/s at <= 0.4x memory; decision >= 3x ratio.
 """
@@ -44,7 +45,7 @@ from peft_doubter.tuner.base_models import load_base_model
 from peft_doubter.tuner.capture import prompt_end_from_labels
 
 
-ARMS = ("naive", "trainer", "trainer+gc", "ratio", "decision")
+ARMS = ("naive", "trainer", "trainer+gc", "ratio", "decision", "head")
 
 
 def peak_rss_mb() -> float:
@@ -88,13 +89,13 @@ def rows_for(model, tokenizer, count: int, k_shot: int) -> tuple[list[dict], lis
 def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     base, tokenizer = load_base_model("gemma-3-270m")
-    confidence = "ratio" if args.arm == "ratio" else "decision"
+    confidence = args.arm if args.arm in ("ratio", "head") else "decision"
     model = get_peft_model(base, DoubterConfig(target_layers="late", confidence=confidence))
     count = args.batch_size * (args.steps + 1)
     rows, cached = rows_for(model, tokenizer, count, args.k_shot)
     gc.collect()
     start_rss = peak_rss_mb()
-    if args.arm in ("ratio", "decision"):
+    if args.arm in ("ratio", "decision", "head"):
         if args.arm == "decision":
             with tempfile.TemporaryDirectory() as folder:
                 states = attach_prefix_states(model, datasets.Dataset.from_list(rows), Path(folder))
@@ -173,6 +174,7 @@ def main() -> None:
         "checkpointing_speed_ratio": checkpointed["samples_per_s"] / trainer["samples_per_s"],
         "checkpointing_memory_ratio": checkpointed["peak_mb"] / trainer["peak_mb"],
         "scoring_speedup": arms["decision"]["questions_per_s"] / arms["ratio"]["questions_per_s"],
+        "head_scoring_speedup": arms["head"]["questions_per_s"] / arms["ratio"]["questions_per_s"],
     }
     print(json.dumps(result, indent=2))
     if args.output:
@@ -180,7 +182,8 @@ def main() -> None:
     print(f"trainer/naive speed {result['trainer_speedup']:.2f}x (target >= 6), memory "
           f"{result['trainer_memory_ratio']:.2f}x (target <= 0.4); gradient checkpointing costs "
           f"{1 / result['checkpointing_speed_ratio']:.2f}x time for {result['checkpointing_memory_ratio']:.2f}x memory; "
-          f"decision/ratio scoring {result['scoring_speedup']:.2f}x (target >= 3)")
+          f"decision/ratio scoring {result['scoring_speedup']:.2f}x (target >= 3), head/ratio "
+          f"{result['head_scoring_speedup']:.2f}x")
 
 
 if __name__ == "__main__":
