@@ -33,7 +33,7 @@ from peft_doubter.agent import (
     answer_recall,
     lookup_tool,
 )
-from peft_doubter.agent.comparison import agreement, build_cache, cache_features
+from peft_doubter.agent.comparison import agreement, build_cache, cache_features, frontier
 from peft_doubter.agent.scorers import MinTokenScorer, RandomScorer
 from peft_doubter.data.collection import load_cache, make_judge
 from peft_doubter.runs import stages
@@ -227,6 +227,17 @@ def test_agent_comparison_simulates_policies_on_the_same_answers():
         assert calibrated["closed"]["n_calibration"] == 100
         assert policies[f"{scorer}, calibrated two thresholds"]["coverage"] == pytest.approx(calibrated["coverage"])
     assert any(name.startswith("random gate") for name in policies)
+    gap = result["frontier_paired"]["good - random"]
+    assert gap["ci_low"] > 0 and gap["diff"] == pytest.approx(
+        result["frontiers"]["good"]["area"] - result["frontiers"]["random"]["area"])
+    stored = result["per_question"]  # every summary comes back from the per-question record
+    for name, summary in policies.items():
+        assert np.mean(stored["right"][name]) == pytest.approx(summary["pass_rate"])
+        assert np.mean(np.array(stored["actions"][name]) != "decline") == pytest.approx(summary["coverage"])
+        assert np.mean(stored["lookups"][name]) == pytest.approx(summary["lookups_per_question"])
+    again = frontier(np.array(stored["closed_correct"]), np.array(stored["open_correct"]),
+                     np.array(stored["confidence"]["closed_good"]))
+    assert again["area"] == pytest.approx(result["frontiers"]["good"]["area"])
 
 
 def test_live_agent_reproduces_the_simulated_actions(trained, tmp_path):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.shards import build_shards, finished_rows, load_shards
 from ..evaluation.risk_control import calibrate, realized
-from ..evaluation.statistics import paired_bootstrap_diff, wilson_interval
+from ..evaluation.statistics import bootstrap_ci, paired_bootstrap_diff, wilson_interval
 from ..paths import write_json
 from .agent import MetaAgent, Thresholds, example_for
 
@@ -176,11 +176,18 @@ class AgentComparison:
             calibrated[scorer] = self.calibrated(scorer, data, cal)
         summaries = {name: o.summary(never, always) for name, o in self.outcomes.items()}
         comparisons = self.paired(data)
+        per_question = {"id": data["id"].tolist(), "closed_correct": data["closed_correct"].tolist(),
+                        "open_correct": data["open_correct"].tolist(),
+                        "confidence": {f"{regime}_{scorer}": data[f"{regime}_{scorer}"].tolist()
+                                       for regime in REGIMES for scorer in self.scorers},
+                        "actions": {name: o.actions.tolist() for name, o in self.outcomes.items()},
+                        "lookups": {name: o.lookups.tolist() for name, o in self.outcomes.items()},
+                        "right": {name: o.right.tolist() for name, o in self.outcomes.items()}}
         return {"n": n, "split": self.split, "calibration_split": self.calibration,
                 "closed_book_accuracy": float(data["closed_correct"].mean()),
                 "open_book_accuracy": float(data["open_correct"].mean()), "oracle_lookup_rate": oracle_rate,
-                "policies": summaries, "frontiers": frontiers, "matched": rate, "calibrated": calibrated,
-                "paired": comparisons}
+                "policies": summaries, "frontiers": frontiers, "frontier_paired": self.frontier_paired(data),
+                "matched": rate, "calibrated": calibrated, "paired": comparisons, "per_question": per_question}
 
     @staticmethod
     def gate(confidence: np.ndarray, lookup_rate: float) -> np.ndarray:
@@ -226,6 +233,23 @@ class AgentComparison:
                 "coverage": float(answered.mean()),
                 "closed_realised": realized(closed.threshold, data[f"closed_{scorer}"],
                                             data["closed_correct"]).to_dict()}
+
+    def frontier_paired(self, data: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Paired-bootstrap differences of frontier area: the Doubter's (else the first scorer's) minus each other
+        scorer's, on the same questions."""
+        reference = "doubter" if "doubter" in self.scorers else self.scorers[0]
+
+        def area_gap(closed: np.ndarray, opened: np.ndarray, mine: np.ndarray, theirs: np.ndarray) -> float:
+            return frontier(closed, opened, mine)["area"] - frontier(closed, opened, theirs)["area"]
+
+        out = {}
+        for other in self.scorers:
+            if other != reference:
+                arrays = (data["closed_correct"], data["open_correct"], data[f"closed_{reference}"],
+                          data[f"closed_{other}"])
+                low, high = bootstrap_ci(area_gap, *arrays, seed=self.seed)
+                out[f"{reference} - {other}"] = {"diff": area_gap(*arrays), "ci_low": low, "ci_high": high}
+        return out
 
     def paired(self, data: dict[str, np.ndarray]) -> dict[str, Any]:
         """Paired-bootstrap differences of pass rate: the Doubter's policies against the others."""
@@ -274,6 +298,9 @@ def write_report(result: dict[str, Any], directory: Path) -> None:
     for scorer, f in result["frontiers"].items():
         m = result["matched"][scorer]
         lines.append(f"| {scorer} | {f['area']:.4f} | {m['lookup_rate']:.3f} | {m['lookups_saved']:.1%} |")
+    lines += ["", "| Frontier area, paired | Difference [95% CI] |", "|---|---|"]
+    for pair, d in result["frontier_paired"].items():
+        lines.append(f"| {pair} | {d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |")
     lines += ["", "| Calibrated policy | Target risk | Realised risk | Coverage | Within target |", "|---|---|---|---|---|"]
     for scorer, c in result["calibrated"].items():
         lines.append(f"| {scorer} | {c['target_risk']:.3f} | {c['realised_risk']:.3f} | {c['coverage']:.3f} | "
