@@ -8,9 +8,9 @@ cross-attention. Does the encoder's reading hold the signal the free baselines f
 encoder (same settings, same cached pass-1 reading: for `attentive` the answer tokens' states and signals) with a
 linear head on the mean of its tokens, by binary cross-entropy on the run's train split, keeps the epoch with the
 best validation AUROC, and tests it on the run's test questions beside the scores the run's evaluation report stored
-for every method on the same questions (paired bootstrap differences); `--json X.json` also writes the table X.md. On a prompt-reading run the `attentive`
-encoder's per-layer tokens are the prompt's last token (the answer's tokens are cached either way). No base model
-runs: minutes on a CPU.
+for every method on the same questions (paired bootstrap differences); `--json X.json` also writes the table X.md.
+On a prompt-reading run the `attentive` encoder's per-layer tokens are the prompt's last token (the answer's tokens
+are cached either way). No base model runs: minutes on a CPU.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"`encoder_type` must be one of {SIDECAR_ENCODERS} in a sidecar (llama.cpp implements "
                          f"those), got {meta['encoder_type']!r}.")
     if meta["confidence"] not in SIDECAR_CONFIDENCES:
-        raise ValueError(f"`confidence` must be one of {SIDECAR_CONFIDENCES} in a sidecar, got {meta['confidence']!r}.")
+        raise ValueError(f"`confidence` must be one of {SIDECAR_CONFIDENCES} in a sidecar, "
+                         f"got {meta['confidence']!r}.")
     if meta["pooling"] not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {meta['pooling']!r}.")
     for field in ("read_layers", "inject_layers"):

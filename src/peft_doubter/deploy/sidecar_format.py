@@ -81,7 +81,8 @@ META_KEYS = (
     MetaKey("refresh_threshold", "f32"),
     MetaKey("refresh_interval", "u32"),
     MetaKey("refusal_text", "str"),
-    # the confidence the Doubter was trained and evaluated with (`names.SIDECAR_CONFIDENCES`); llama.cpp computes `decision`
+    # the confidence the Doubter was trained and evaluated with (`names.SIDECAR_CONFIDENCES`); llama.cpp computes
+    # `decision`
     MetaKey("confidence", "str"),
     MetaKey("base_fingerprint", "str", required=False),  # JSON text
 )

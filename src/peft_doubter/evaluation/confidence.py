@@ -2,8 +2,9 @@
 
 The confidence is computed as log-odds (see `peft_doubter.tuner.confidence`): `decision` reads the probability of
 starting the refusal at the end of the prompt in pass 2, `ratio` compares the teacher-forced probabilities of the
-base's own answer and of the refusal, `head` is the encoder's linear head on pass 1's reading (no pass 2). Log-odds keep their precision where the probability saturates, so the ranking
-metrics and the stored per-question scores are exact. Its text behaviour (greedy two-pass generation) is reported
+base's own answer and of the refusal, `head` is the encoder's linear head on pass 1's reading (no pass 2). Log-odds
+keep their precision where the probability saturates, so the ranking metrics and the stored per-question scores are
+exact. Its text behaviour (greedy two-pass generation) is reported
 separately: declined, answered (same or different answer than pass 1) or corrected.
 """
 

@@ -67,7 +67,7 @@ class DoubterSFTConfig(SFTConfig):
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint."})
     metric_for_best_model: Optional[str] = field(
-        default="auroc", metadata={"help": "Checkpoint selection: validation AUROC of the (decision or head) confidence."}
+        default="auroc", metadata={"help": "Checkpoint selection: validation AUROC of the confidence."}
     )
     greater_is_better: Optional[bool] = field(default=True, metadata={"help": "Higher AUROC is better."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})

@@ -158,8 +158,8 @@ class DoubterTrainer(SFTTrainer):
         self.confidence = model.peft_config[model.active_adapter].confidence
         self.step_scored = self.confidence in ("decision", "head")  # the confidence comes out of a training step
         if not self.step_scored and args.metric_for_best_model in ("auroc", "eval_auroc"):
-            raise ValueError("Checkpoints are chosen on the validation AUROC of the decision or head confidence; with "
-                             "confidence='ratio' set `metric_for_best_model='loss'` and `greater_is_better=False`.")
+            raise ValueError("Checkpoints are chosen on the validation AUROC of the decision or head confidence; "
+                             "with confidence='ratio' set `metric_for_best_model='loss'` and `greater_is_better=False`.")
         if self.step_scored and kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = auroc_metric
         labelled = train_dataset is not None and "correct" in train_dataset.column_names
