@@ -240,6 +240,16 @@ def test_agent_comparison_simulates_policies_on_the_same_answers():
     assert again["area"] == pytest.approx(result["frontiers"]["good"]["area"])
 
 
+def test_live_check_thresholds_meet_every_action():
+    from peft_doubter.runs.agents import varied_thresholds
+
+    rows = [{"closed_s": c, "open_s": o} for c, o in zip(np.linspace(0, 1, 20), np.random.default_rng(0).random(20))]
+    thresholds = varied_thresholds(rows, "s")
+    actions = {"answer" if r["closed_s"] >= thresholds.closed else
+               "lookup_answer" if r["open_s"] >= thresholds.open else "decline" for r in rows}
+    assert actions == {"answer", "lookup_answer", "decline"}
+
+
 def test_live_agent_reproduces_the_simulated_actions(trained, tmp_path):
     model, tokenizer, manifest = stages.load_run_model(trained["run"])
     registry = ToolRegistry()

@@ -71,3 +71,24 @@ def test_committed_llama_cpp_parity_recomputes_from_its_stored_confidences(path)
         assert agree == entry["agree"]
     same = sum(row["llama_cpp_draft"] == row["pytorch_draft"].strip() for row in rows)
     assert same / len(rows) == pytest.approx(parity["same_draft"], abs=1e-12)
+
+
+AGENT_REPORTS = sorted(RESULTS.rglob("agent_report.json"))
+
+
+@pytest.mark.parametrize("path", AGENT_REPORTS, ids=lambda path: str(path.relative_to(RESULTS)))
+def test_committed_agent_report_recomputes_from_its_per_question_record(path):
+    from peft_doubter.agent.comparison import frontier
+
+    report = json.loads(path.read_text())
+    stored = report["per_question"]
+    assert len(stored["id"]) == report["n"]
+    for name, summary in report["policies"].items():
+        right, actions = np.array(stored["right"][name]), np.array(stored["actions"][name])
+        assert right.mean() == pytest.approx(summary["pass_rate"], abs=1e-12), name
+        assert (actions != "decline").mean() == pytest.approx(summary["coverage"], abs=1e-12), name
+        assert np.mean(stored["lookups"][name]) == pytest.approx(summary["lookups_per_question"], abs=1e-12), name
+    closed, opened = np.array(stored["closed_correct"]), np.array(stored["open_correct"])
+    for scorer, reported in report["frontiers"].items():
+        again = frontier(closed, opened, np.array(stored["confidence"][f"closed_{scorer}"]))
+        assert again["area"] == pytest.approx(reported["area"], abs=1e-12), scorer

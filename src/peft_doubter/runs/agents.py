@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from ..agent.agent import MetaAgent, Thresholds, TorchBackend
 from ..agent.comparison import AgentComparison, agreement, build_cache, write_report
 from ..agent.retrieval import Corpus, answer_recall, lookup_tool
@@ -98,6 +100,16 @@ def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doub
     return agent, manifest
 
 
+def varied_thresholds(rows: list[dict], scorer: str) -> Thresholds:
+    """Thresholds at the median confidences of `rows` (closed-book, then after the lookup of those below it), so that
+    a live check meets every action (answer, look up and answer, decline) rather than one: calibrated thresholds
+    that certify nothing would decline every question."""
+    closed = np.array([r[f"closed_{scorer}"] for r in rows])
+    tau_closed = float(np.median(closed))
+    opened = np.array([r[f"open_{scorer}"] for r in rows])[closed < tau_closed]
+    return Thresholds(tau_closed, float(np.median(opened)) if len(opened) else 0.0)
+
+
 def agent_eval(run_dir: Path, corpus: str, questions_from: Optional[str] = None, scorers: Optional[list[str]] = None,
                max_questions: Optional[int] = None, verify: int = 0, target_risk: Optional[float] = None,
                text_mode: bool = True, lookup_k: int = 1) -> dict[str, Any]:
@@ -126,12 +138,10 @@ def agent_eval(run_dir: Path, corpus: str, questions_from: Optional[str] = None,
         result.update({"corpus": corpus, "answer_recall_top_k": recall, "lookup_k": lookup_k,
                        "questions_from": str(source), "scorers": names})
         if verify:
-            doubter = result["calibrated"].get("doubter") or next(iter(result["calibrated"].values()))
-            thresholds = Thresholds(doubter["closed"]["threshold"],
-                                    doubter["open"]["threshold"] if doubter["open"] else math.inf)
             agent.scorer = made.get("doubter", made[names[0]])
             sample = [r for r in rows if r["split"] == "test"][:verify]
-            result["live_agreement"] = agreement(agent, thresholds, sample, agent.scorer.name)
+            result["live_agreement"] = agreement(agent, varied_thresholds(sample, agent.scorer.name), sample,
+                                                 agent.scorer.name)
         write_report(result, out)
         manifest.setdefault("agent", {})[_key(corpus)] = {
             scorer: {"closed": c["closed"]["threshold"], "open": c["open"]["threshold"] if c["open"] else math.inf}
