@@ -12,7 +12,7 @@ peft-doubter collect --run-dir "$RUN" --dataset sciq_open --limit none --k-shot 
   --val-fraction 0.2 --test-fraction 0.3
 peft-doubter train --run-dir "$RUN" --num-train-epochs 2
 peft-doubter eval --run-dir "$RUN"
-peft-doubter agent eval --run-dir "$RUN" --corpus sciq-support
+peft-doubter agent eval --run-dir "$RUN" --corpus sciq-support --verify 20
 peft-doubter export --run-dir "$RUN"
 python "$(dirname "$0")/bench_serving.py" --run-dir "$RUN" --backend pytorch --json "$RUN/bench_serving_pytorch.json"
 python "$(dirname "$0")/bench_serving.py" --run-dir "$RUN" --backend llama.cpp --json "$RUN/bench_serving_llama_cpp.json"
