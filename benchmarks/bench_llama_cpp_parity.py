@@ -2,9 +2,8 @@
 
     python benchmarks/bench_llama_cpp_parity.py --run-dir RUNS/sciq-open-agent [--gguf base.gguf] [--json out.json]
 
-The run must use the embedded gemma-3-270m with the decision confidence. Exports the run's sidecar (unless an export
-newer than the adapter is there), then scores
-every test prompt with `llama-doubter --jsonl` on a GGUF of the base (default: the embedded Q4_K_M; `--gguf` takes
+The run must use the embedded gemma-3-270m with the decision confidence. Exports the run's sidecar, then scores every
+test prompt with `llama-doubter --jsonl` on a GGUF of the base (default: the embedded Q4_K_M; `--gguf` takes
 e.g. an F32 conversion) and compares its decision confidence with the one `peft-doubter eval` stored for the same
 question (PyTorch, float32): absolute differences, and how often answer/decline agrees at thresholds set at the
 deciles of PyTorch's confidences (and at the calibrated threshold when one was certified), with Wilson intervals.
@@ -25,9 +24,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from peft_doubter.data.collection import load_cache
+from peft_doubter.data.prompts import first_line
 from peft_doubter.deploy.llama_cpp import LlamaDoubterProcess, ensure_llama_cpp_build, run_tool
 from peft_doubter.evaluation.statistics import wilson_interval
-from peft_doubter.names import ADAPTER_DIR, EVAL_DIR, REPORT_JSON, SIDECAR_FILE
+from peft_doubter.names import EVAL_DIR, REPORT_JSON
 from peft_doubter.runs.manifest import read_manifest
 from peft_doubter.runs.stages import export_run
 from peft_doubter.tuner.base_models import embedded_gguf_path
@@ -62,25 +62,18 @@ def main() -> None:
     torch_conf = np.asarray(report["scores"]["doubter"]["confidence"], dtype=float)[: len(test)]
     build = ensure_llama_cpp_build(build=True)
     gguf = args.gguf or embedded_gguf_path("gemma-3-270m")
-    sidecar = args.run_dir / SIDECAR_FILE
-    adapter = args.run_dir / manifest.get("adapter", ADAPTER_DIR)
-    if not sidecar.exists() or sidecar.stat().st_mtime < max(f.stat().st_mtime for f in adapter.iterdir()):
-        sidecar = export_run(args.run_dir)
+    sidecar = export_run(args.run_dir)
 
-    llama_conf, same_draft, rows = [], 0, []
+    rows = []
     with LlamaDoubterProcess(gguf, sidecar, threads=args.threads, build_dir=build) as tool:
-        for index in tqdm(test, desc="llama.cpp confidence", unit="q"):
+        for index, pytorch_confidence in zip(tqdm(test, desc="llama.cpp confidence", unit="q"), torch_conf):
             row = cache[index]
             reply = tool.generate(row["prompt"], n_predict=args.max_new_tokens, threshold=0.5)
-            llama_conf.append(reply["confidence"])
-            draft = reply["draft"].strip().split("\n")[0].strip()
-            same_draft += draft == row["pass1_answer"].strip()
-            rows.append({"id": row["id"], "llama_cpp_draft": draft, "pytorch_draft": row["pass1_answer"]})
-    llama_conf = np.asarray(llama_conf, dtype=float)
-    for row, confidence in zip(rows, llama_conf):
-        row["llama_cpp_confidence"] = float(confidence)
-    for row, confidence in zip(rows, torch_conf):
-        row["pytorch_confidence"] = float(confidence)
+            rows.append({"id": row["id"], "llama_cpp_draft": first_line(reply["draft"].strip()),
+                         "pytorch_draft": row["pass1_answer"], "llama_cpp_confidence": reply["confidence"],
+                         "pytorch_confidence": float(pytorch_confidence)})
+    llama_conf = np.array([row["llama_cpp_confidence"] for row in rows], dtype=float)
+    same_draft = sum(row["llama_cpp_draft"] == row["pytorch_draft"].strip() for row in rows)
     difference = np.abs(llama_conf - torch_conf)
     thresholds = [float(t) for t in np.quantile(torch_conf, np.linspace(0.1, 0.9, 9))]
     calibrated = report["meta"]["calibrated"]["threshold"]

@@ -34,29 +34,22 @@ from peft_doubter.runs.manifest import build_doubter_config, read_manifest
 from peft_doubter.tuner.layer import CognitiveEncoder
 
 
-class EncoderHead(nn.Module):
-    """The Doubter's cognitive encoder, then one linear unit on the mean of its tokens: the confidence's logit."""
-
-    def __init__(self, config, hidden_size: int, num_read_layers: int) -> None:
-        super().__init__()
-        self.encoder = CognitiveEncoder(config, hidden_size, num_read_layers)
-        self.head = nn.Linear(hidden_size, 1)
-
-    def forward(self, reading) -> torch.Tensor:
-        return self.head(self.encoder(reading).mean(1)).squeeze(-1)
+def head_logits(encoder: CognitiveEncoder, reading) -> torch.Tensor:
+    """The confidence head's log-odds on the encoder's cognitive tokens (`confidence="head"`)."""
+    return encoder.confidence_log_odds(encoder(reading))
 
 
-def logits_of(model: EncoderHead, rows: list[dict], batch_size: int) -> np.ndarray:
-    model.eval()
+def logits_of(encoder: CognitiveEncoder, rows: list[dict], batch_size: int) -> np.ndarray:
+    encoder.eval()
     with torch.no_grad():
-        return np.concatenate([model(cached_reading(rows[i:i + batch_size])).numpy()
+        return np.concatenate([head_logits(encoder, cached_reading(rows[i:i + batch_size])).numpy()
                                for i in range(0, len(rows), batch_size)])
 
 
 def train_one(config, rows: dict[str, list[dict]], seed: int, epochs: int, lr: float, batch_size: int) -> dict:
     torch.manual_seed(seed)
     features = np.asarray(rows["train"][0]["features"])
-    model = EncoderHead(config, features.shape[-1], features.shape[0])
+    model = CognitiveEncoder(dataclasses.replace(config, confidence="head"), features.shape[-1], features.shape[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     labels = torch.tensor([float(r["correct"]) for r in rows["train"]])
     positive_weight = (1 - labels.mean()) / labels.mean()  # balanced classes: ~14% of TriviaQA answers are right
@@ -69,7 +62,7 @@ def train_one(config, rows: dict[str, list[dict]], seed: int, epochs: int, lr: f
         order = generator.permutation(len(rows["train"]))
         for start in tqdm(range(0, len(order), batch_size), desc=f"seed {seed} epoch {epoch}", leave=False):
             batch = order[start:start + batch_size]
-            loss = loss_fn(model(cached_reading([rows["train"][i] for i in batch])), labels[batch])
+            loss = loss_fn(head_logits(model, cached_reading([rows["train"][i] for i in batch])), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -33,7 +33,7 @@ from peft_doubter.agent import (
     answer_recall,
     lookup_tool,
 )
-from peft_doubter.agent.comparison import agreement, build_cache, cache_features, frontier
+from peft_doubter.agent.comparison import agreement, build_cache, cache_features, frontier, varied_thresholds
 from peft_doubter.agent.scorers import MinTokenScorer, RandomScorer
 from peft_doubter.data.collection import load_cache, make_judge
 from peft_doubter.runs import stages
@@ -241,8 +241,6 @@ def test_agent_comparison_simulates_policies_on_the_same_answers():
 
 
 def test_live_check_thresholds_meet_every_action():
-    from peft_doubter.runs.agents import varied_thresholds
-
     rows = [{"closed_s": c, "open_s": o} for c, o in zip(np.linspace(0, 1, 20), np.random.default_rng(0).random(20))]
     thresholds = varied_thresholds(rows, "s")
     actions = {"answer" if r["closed_s"] >= thresholds.closed else

@@ -319,6 +319,16 @@ def write_report(result: dict[str, Any], directory: Path) -> None:
     figure.savefig(directory / "frontier.png", dpi=120)
 
 
+def varied_thresholds(rows: Sequence[dict], scorer: str) -> Thresholds:
+    """Thresholds at the median confidences of `rows` (closed-book, then after the lookup of those below it), so that
+    a live check meets every action (answer, look up and answer, decline) rather than one: calibrated thresholds
+    that certify nothing would decline every question."""
+    closed = np.array([r[f"closed_{scorer}"] for r in rows])
+    tau_closed = float(np.median(closed))
+    opened = np.array([r[f"open_{scorer}"] for r in rows])[closed < tau_closed]
+    return Thresholds(tau_closed, float(np.median(opened)) if len(opened) else 0.0)
+
+
 def agreement(agent: MetaAgent, thresholds: Thresholds, cache_rows: Sequence[dict], scorer: str) -> dict[str, Any]:
     """Run the live agent on cached questions and compare its actions and answers with the simulation."""
     agent.thresholds = thresholds

@@ -9,10 +9,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from ..agent.agent import MetaAgent, Thresholds, TorchBackend
-from ..agent.comparison import AgentComparison, agreement, build_cache, write_report
+from ..agent.comparison import AgentComparison, agreement, build_cache, varied_thresholds, write_report
 from ..agent.retrieval import Corpus, answer_recall, lookup_tool
 from ..agent.scorers import DoubterScorer, MinTokenScorer, ProbeScorer, RandomScorer
 from ..agent.tools import ToolRegistry
@@ -98,16 +96,6 @@ def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doub
     agent = MetaAgent(TorchBackend(model, tokenizer, manifest), scorers[scorer], thresholds, manifest["exemplars"],
                       registry, mode=mode, tokenizer=tokenizer)
     return agent, manifest
-
-
-def varied_thresholds(rows: list[dict], scorer: str) -> Thresholds:
-    """Thresholds at the median confidences of `rows` (closed-book, then after the lookup of those below it), so that
-    a live check meets every action (answer, look up and answer, decline) rather than one: calibrated thresholds
-    that certify nothing would decline every question."""
-    closed = np.array([r[f"closed_{scorer}"] for r in rows])
-    tau_closed = float(np.median(closed))
-    opened = np.array([r[f"open_{scorer}"] for r in rows])[closed < tau_closed]
-    return Thresholds(tau_closed, float(np.median(opened)) if len(opened) else 0.0)
 
 
 def agent_eval(run_dir: Path, corpus: str, questions_from: Optional[str] = None, scorers: Optional[list[str]] = None,

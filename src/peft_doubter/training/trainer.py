@@ -201,8 +201,7 @@ class DoubterTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes
         weights = (self.args.confidence_loss_weight, self.args.ranking_loss_weight)
         if self.step_scored and correct is not None and any(weights):
-            outputs.confidence_log_odds = self.log_odds(outputs, refusal_token)
-            extra = confidence_loss(outputs.confidence_log_odds, correct, self.pos_weight, *weights)
+            extra = confidence_loss(self.log_odds(outputs, refusal_token), correct, self.pos_weight, *weights)
             loss = loss + extra / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
