@@ -7,7 +7,8 @@ same test questions, beside the same baselines (`peft-doubter eval --generate-te
 no text generation). A variant is: where pass 1 reads (the prompt's last token or the answer's), the encoder, which
 confidence is evaluated (`ratio`: P(answer) vs P(refusal); `decision`: the refusal's probability at the first answer
 position; `head`: a linear unit on the encoder's cognitive tokens, no pass 2) and whether that confidence is trained
-directly (BCE + pairwise ranking) or only through the LM loss.
+directly (BCE + pairwise ranking) or only through the LM loss; `-fit` variants fit the encoder and head on the
+confidence first and freeze them for the LM stage (`fit_confidence_head`).
 All variants share the collected cache and one cache of lower-layer states (the sequences are the same). Each stage
 resumes: a finished adapter or report is kept. The summary (`variants.json`, `variants.md`) has each variant's
 AUROC with its interval and its paired difference against every baseline.
@@ -50,6 +51,8 @@ VARIANTS = {  # name -> (reads, Doubter settings, training settings)
     "prompt-selective-decision-bce": ("prompt", {"encoder_type": "selective", "confidence": "decision"}, {}),
     "answer-attentive-head-bce": ("answer", {"encoder_type": "attentive", "confidence": "head"}, {}),
     "prompt-selective-head-bce": ("prompt", {"encoder_type": "selective", "confidence": "head"}, {}),
+    "answer-attentive-head-fit": ("answer", {"encoder_type": "attentive", "confidence": "head"},
+                                  {"fit_confidence_head": True}),
 }
 
 

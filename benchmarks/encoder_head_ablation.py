@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from peft_doubter.data.collection import load_cache
 from peft_doubter.data.sequences import cached_reading
@@ -31,45 +29,21 @@ from peft_doubter.evaluation.metrics import auroc
 from peft_doubter.evaluation.statistics import bootstrap_ci, paired_bootstrap_diff
 from peft_doubter.names import EVAL_DIR, REPORT_JSON
 from peft_doubter.runs.manifest import build_doubter_config, read_manifest
+from peft_doubter.training.trainer import fit_confidence_head
 from peft_doubter.tuner.layer import CognitiveEncoder
 
 
-def head_logits(encoder: CognitiveEncoder, reading) -> torch.Tensor:
-    """The confidence head's log-odds on the encoder's cognitive tokens (`confidence="head"`)."""
-    return encoder.confidence_log_odds(encoder(reading))
-
-
-def logits_of(encoder: CognitiveEncoder, rows: list[dict], batch_size: int) -> np.ndarray:
-    encoder.eval()
-    with torch.no_grad():
-        return np.concatenate([head_logits(encoder, cached_reading(rows[i:i + batch_size])).numpy()
-                               for i in range(0, len(rows), batch_size)])
-
-
 def train_one(config, rows: dict[str, list[dict]], seed: int, epochs: int, lr: float, batch_size: int) -> dict:
+    """The run's encoder with a confidence head, fit as `DoubterSFTConfig(fit_confidence_head=True)` fits it."""
     torch.manual_seed(seed)
     features = np.asarray(rows["train"][0]["features"])
-    model = CognitiveEncoder(dataclasses.replace(config, confidence="head"), features.shape[-1], features.shape[0])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    labels = torch.tensor([float(r["correct"]) for r in rows["train"]])
-    positive_weight = (1 - labels.mean()) / labels.mean()  # balanced classes: ~14% of TriviaQA answers are right
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=positive_weight)
-    val_correct = np.array([r["correct"] for r in rows["val"]], dtype=bool)
-    best = {"val_auroc": -1.0}
-    generator = np.random.default_rng(seed)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = generator.permutation(len(rows["train"]))
-        for start in tqdm(range(0, len(order), batch_size), desc=f"seed {seed} epoch {epoch}", leave=False):
-            batch = order[start:start + batch_size]
-            loss = loss_fn(head_logits(model, cached_reading([rows["train"][i] for i in batch])), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        val_auroc = auroc(val_correct, logits_of(model, rows["val"], 64))
-        if val_auroc > best["val_auroc"]:
-            best = {"val_auroc": val_auroc, "epoch": epoch, "test_logits": logits_of(model, rows["test"], 64)}
-    return best
+    encoder = CognitiveEncoder(dataclasses.replace(config, confidence="head"), features.shape[-1], features.shape[0])
+    fit = fit_confidence_head(encoder, rows["train"], rows["val"], features_key="features", epochs=epochs,
+                              learning_rate=lr, batch_size=batch_size, seed=seed)
+    with torch.no_grad():
+        test_logits = np.concatenate([encoder.confidence_log_odds(encoder(cached_reading(rows["test"][i:i + 64])))
+                                      .numpy() for i in range(0, len(rows["test"]), 64)])
+    return {"val_auroc": fit.val_auroc, "epoch": fit.epoch, "test_logits": test_logits}
 
 
 COMPARED = ("doubter", "p_min_token", "p_sequence", "probe", "probe+answer_prob", "stacked_lr", "stacked_gbm")

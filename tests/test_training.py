@@ -19,6 +19,7 @@ from peft_doubter.data.collection import CollectConfig, load_cache
 from peft_doubter.data.prompts import PromptConfig
 from peft_doubter.data.sequences import tokenize_example
 from peft_doubter.evaluation.confidence import doubter_log_odds, sigmoid
+from peft_doubter.evaluation.metrics import auroc
 from peft_doubter.evaluation.report import EvaluationReport
 from peft_doubter.runs import stages
 from peft_doubter.runs.ask import ask
@@ -415,6 +416,36 @@ def test_ask_refuses_a_threshold_outside_zero_to_one(workspace, capsys):
     for text in ("nan", "1.5", "-0.1"):
         assert cli.main(["ask", "--run-dir", str(workspace["run"]), "--threshold", text, "w12"]) == 2
         assert "--threshold is a confidence in [0, 1]" in capsys.readouterr().err
+
+
+def test_fitted_confidence_head_is_frozen_through_the_lm_stage(workspace, tmp_path):
+    """`fit_confidence_head`: the encoder and head are fit on the confidence alone (epoch chosen on validation
+    AUROC), then frozen: the LM stage trains the injection only and checkpoints on eval loss, and the saved adapter
+    scores the validation questions with exactly the fitted AUROC. Without confidence='head' it is refused."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    args = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 2e-3,
+            "early_stopping_patience": None, "fit_confidence_head": True, "head_epochs": 3}
+    with pytest.raises(ValueError, match="build the Doubter with confidence='head'"):
+        stages.train_run(run_dir, args, {"confidence": "decision"})
+    shutil.rmtree(run_dir)
+    shutil.copytree(workspace["run"], run_dir)
+    trainer = stages.train_run(run_dir, args, {"confidence": "head"})
+    fit = trainer.head_fit
+    assert len(fit.val_aurocs) == 3 and fit.val_auroc == max(fit.val_aurocs) == fit.val_aurocs[fit.epoch - 1]
+    assert trainer.args.metric_for_best_model == "loss" and not trainer.args.greater_is_better
+    encoder = trainer.model.base_model.doubter_encoder["default"]
+    assert not any(p.requires_grad for p in encoder.parameters())
+    injected = [p for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert injected and all("doubter_encoder" not in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    history = read_manifest(run_dir)["train"]["log_history"]
+    assert history[0]["head_fit_val_auroc"] == fit.val_auroc and history[0]["head_fit_epoch"] == fit.epoch
+
+    model, tokenizer, _ = stages.load_run_model(run_dir)
+    val = [row for row in load_cache(run_dir / "cache") if row["split"] == "val"]
+    refusal = model.peft_config[model.active_adapter].refusal_text
+    scores = doubter_log_odds(model, tokenizer, val, refusal, "letter", False, 4)
+    assert auroc([row["correct"] for row in val], scores) == pytest.approx(fit.val_auroc, abs=1e-9)
 
 
 def test_head_confidence_trains_scores_from_pass_one_and_is_not_exported(workspace, tmp_path):

@@ -36,6 +36,15 @@ class DoubterSFTConfig(SFTConfig):
     )
     probe_epochs: int = field(default=30, metadata={"help": "Epochs of projector probe pre-training."})
     probe_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of probe pre-training."})
+    fit_confidence_head: bool = field(
+        default=False,
+        metadata={"help": "With confidence='head': first fit the encoder and its head on the confidence alone from "
+                          "the cached readings (epoch chosen on the eval set's AUROC; replaces projector "
+                          "pre-training), then freeze them, so the LM stage trains the injection only, without the "
+                          "confidence loss, and checkpoints on eval loss (an `auroc` metric is changed to `loss`)."},
+    )
+    head_epochs: int = field(default=8, metadata={"help": "Epochs of `fit_confidence_head`."})
+    head_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of `fit_confidence_head`."})
     early_stopping_patience: Optional[int] = field(
         default=2, metadata={"help": "Stop after this many evaluations without improvement (None: never)."}
     )
@@ -91,3 +100,7 @@ class DoubterSFTConfig(SFTConfig):
             raise ValueError(f"`gate_lr_multiplier` must be > 0, got {self.gate_lr_multiplier}.")
         if self.probe_epochs < 0:
             raise ValueError(f"`probe_epochs` must be >= 0, got {self.probe_epochs}.")
+        if self.head_epochs < 1:
+            raise ValueError(f"`head_epochs` must be >= 1, got {self.head_epochs}.")
+        if self.fit_confidence_head and self.metric_for_best_model in ("auroc", "eval_auroc"):
+            self.metric_for_best_model, self.greater_is_better = "loss", False  # the frozen head's AUROC is constant

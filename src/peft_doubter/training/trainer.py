@@ -22,13 +22,14 @@ from peft import PeftModel
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import EarlyStoppingCallback, EvalPrediction
+from transformers import EarlyStoppingCallback, EvalPrediction, TrainerCallback
 from trl import SFTTrainer
 
 from ..data.sequences import align_prompts, cached_reading, target_columns
 from ..tuner.confidence import decision_log_odds
 from ..tuner.model import DoubterModel
 from .config import DoubterSFTConfig
+from .targets import READING_COLUMNS
 
 
 FAST_PARAMETERS = ("gate", "gates", "token_preference")
@@ -132,6 +133,82 @@ def pretrain_projectors(
     return losses
 
 
+@dataclass
+class HeadFit:
+    """What `fit_confidence_head` kept: the epoch with the best validation AUROC and every epoch's AUROC."""
+
+    epoch: int
+    val_auroc: float
+    val_aurocs: list[float]
+
+
+def fit_confidence_head(
+    encoder: nn.Module,
+    train_rows: Sequence[dict[str, Any]],
+    val_rows: Sequence[dict[str, Any]],
+    *,
+    features_key: str = "pass1_features",
+    epochs: int = 8,
+    learning_rate: float = 3e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> HeadFit:
+    """Train a `CognitiveEncoder` built with `confidence='head'` and its head on the confidence alone: class-balanced
+    BCE of the head's log-odds against pass-1 correctness, from cached readings (rows with `features_key`, the
+    `attentive` encoder's answer states and signals, and `correct`), AdamW with weight decay 0.01. The weights of
+    the epoch with the best validation AUROC are restored. No base model runs: minutes on a CPU."""
+    if encoder.confidence_head is None:
+        raise ValueError("`fit_confidence_head` fits the head of an encoder built with confidence='head'.")
+    device = next(encoder.parameters()).device
+    labels = torch.tensor([float(row["correct"]) for row in train_rows], device=device)
+    val_correct = np.array([bool(row["correct"]) for row in val_rows])
+    if not 0 < labels.sum() < len(labels) or not 0 < val_correct.sum() < len(val_correct):
+        raise ValueError("Fitting the confidence head needs right and wrong answers in both train and val rows.")
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=(1 - labels.mean()) / labels.mean())
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=learning_rate, weight_decay=0.01)
+    generator = np.random.default_rng(seed)
+
+    def log_odds(rows: Sequence[dict[str, Any]]) -> torch.Tensor:
+        reading = cached_reading(rows, features_key).to(device)
+        return encoder.confidence_log_odds(encoder(reading))
+
+    val_aurocs, best_state = [], None
+    for epoch in range(1, epochs + 1):
+        encoder.train()
+        order = generator.permutation(len(train_rows))
+        for start in tqdm(range(0, len(order), batch_size), desc=f"Fitting the confidence head, epoch {epoch}",
+                          leave=False):
+            batch = order[start:start + batch_size]
+            loss = loss_fn(log_odds([train_rows[i] for i in batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        encoder.eval()
+        with torch.no_grad():
+            scores = torch.cat([log_odds(val_rows[i:i + 64]) for i in range(0, len(val_rows), 64)])
+        val_aurocs.append(float(roc_auc_score(val_correct, scores.float().cpu().numpy())))
+        if best_state is None or val_aurocs[-1] > max(val_aurocs[:-1]):
+            best_state = {name: value.detach().clone() for name, value in encoder.state_dict().items()}
+    encoder.load_state_dict(best_state)
+    encoder.eval()
+    best = int(np.argmax(val_aurocs))
+    return HeadFit(epoch=best + 1, val_auroc=val_aurocs[best], val_aurocs=val_aurocs)
+
+
+class HeadFitLog(TrainerCallback):
+    """Writes the confidence head's fit into the log history when training starts (a resumed run finds it in the
+    checkpoint's state)."""
+
+    def __init__(self, trainer: DoubterTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.head_fit is not None:
+            fit = self.trainer.head_fit
+            state.log_history.append({"head_fit_epoch": fit.epoch, "head_fit_val_auroc": fit.val_auroc,
+                                      "head_fit_val_aurocs": fit.val_aurocs, "step": 0})
+
+
 class DoubterTrainer(SFTTrainer):
     """Trains a Doubter adapter (`get_peft_model(model, DoubterConfig(...))`) on rows from
     `peft_doubter.training.targets.build_training_set`. Works like `SFTTrainer`: `train(resume_from_checkpoint=...)`,
@@ -160,6 +237,14 @@ class DoubterTrainer(SFTTrainer):
         if not self.step_scored and args.metric_for_best_model in ("auroc", "eval_auroc"):
             raise ValueError("Checkpoints are chosen on the validation AUROC of the decision or head confidence; "
                              "with confidence='ratio' set `metric_for_best_model='loss'` and `greater_is_better=False`.")
+        if args.fit_confidence_head:
+            if self.confidence != "head":
+                raise ValueError("`fit_confidence_head` fits the confidence head: build the Doubter with "
+                                 f"confidence='head' (it has confidence={self.confidence!r}).")
+            if not args.train_from_cache or eval_dataset is None or "correct" not in eval_dataset.column_names:
+                raise ValueError("`fit_confidence_head` fits on cached readings and chooses its epoch on the eval "
+                                 "set: pass an `eval_dataset` with `correct` and keep `train_from_cache=True`.")
+        self.head_fit: Optional[HeadFit] = None
         if self.step_scored and kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = auroc_metric
         labelled = train_dataset is not None and "correct" in train_dataset.column_names
@@ -172,6 +257,7 @@ class DoubterTrainer(SFTTrainer):
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, callbacks=callbacks, **kwargs)
+        self.add_callback(HeadFitLog(self))
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """AdamW (or the configured optimizer) with two groups: weights at `learning_rate`, gates and token
@@ -200,7 +286,7 @@ class DoubterTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         weights = (self.args.confidence_loss_weight, self.args.ranking_loss_weight)
-        if self.step_scored and correct is not None and any(weights):
+        if self.step_scored and correct is not None and any(weights) and not self.args.fit_confidence_head:
             extra = confidence_loss(self.log_odds(outputs, refusal_token), correct, self.pos_weight, *weights)
             loss = loss + extra / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
@@ -230,8 +316,27 @@ class DoubterTrainer(SFTTrainer):
             self.args.probe_learning_rate, seed=self.args.seed,
         )
 
+    def fit_confidence_head(self) -> HeadFit:
+        """`fit_confidence_head` on the train and eval rows' cached readings (see `DoubterSFTConfig`)."""
+        columns = [c for c in ("pass1_features", *READING_COLUMNS, "correct") if c in self.train_dataset.column_names]
+        train, val = (list(rows.select_columns(columns).with_format("numpy"))
+                      for rows in (self.train_dataset, self.eval_dataset))
+        self.head_fit = fit_confidence_head(self.doubter_encoder, train, val, epochs=self.args.head_epochs,
+                                            learning_rate=self.args.head_learning_rate, seed=self.args.seed)
+        return self.head_fit
+
+    @property
+    def doubter_encoder(self) -> nn.Module:
+        """The active adapter's cognitive encoder."""
+        return self.model.base_model.doubter_encoder[self.model.active_adapter]
+
     def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
-        """Probe pre-training first (skipped when resuming: the checkpoint holds the pre-trained projectors)."""
-        if self.args.pretrain_projectors and not resume_from_checkpoint:
+        """Probe pre-training or the confidence head's fit first (skipped when resuming: the checkpoint holds their
+        result); with `fit_confidence_head` the encoder and head are then frozen."""
+        if self.args.fit_confidence_head:
+            if not resume_from_checkpoint:
+                self.fit_confidence_head()
+            self.doubter_encoder.requires_grad_(False)
+        elif self.args.pretrain_projectors and not resume_from_checkpoint:
             self.pretrain_projectors()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
