@@ -17,6 +17,7 @@ CASES = {
     "transformer-last_mean": {"encoder_type": "transformer", "pooling": "last_mean"},
     "multi_token-mean-dynamic": {"encoder_type": "multi_token", "num_cognitive_tokens": 5, "pooling": "mean",
                                      "dynamic_gates": True, "agc_enabled": True, "agc_tau": 4.0},
+    "selective-head": {"confidence": "head"},
 }
 
 
@@ -40,6 +41,11 @@ def test_pytorch_matches_numpy_reference_on_exported_weights(name, tmp_path):
         tokens = doubter.doubter_encoder["default"](features)[0].numpy()
     reference = numpy_reference.encode(written, meta, features[0].numpy())
     np.testing.assert_allclose(tokens, reference, atol=1e-5, rtol=0)
+    if meta["confidence"] == "head":
+        with torch.no_grad():
+            log_odds = float(doubter.head_log_odds(features)[0])
+        assert log_odds == pytest.approx(numpy_reference.head_log_odds(written, reference), abs=1e-5)
+        assert "encoder.confidence_head.weight" in written
 
     hidden = torch.randn(1, 7, 64) * 3
     layer = doubter._layers[2].doubter_ca["default"]

@@ -282,6 +282,34 @@ def test_threshold_answers_with_the_base_draft_or_declines(tmp_path, build_dir, 
     assert abs(silent["log_odds"] - low["log_odds"]) > 1e-3
 
 
+def test_head_confidence_is_the_reference_head_on_the_tools_own_reading(tmp_path, gemma, build_dir, gemma_path):
+    """A `head` sidecar: the port's head equals the numpy reference's on the same tokens, and the tool's confidence
+    is the reference head on the cognitive tokens of the features its own pass 1 read; with a threshold it decides
+    before pass 2 (which does not run), without one pass 2 writes and the confidence is the same."""
+    path = make_sidecar(tmp_path / "h.gguf", gate=0.4, confidence="head")
+    weights, meta = read_sidecar(path)
+    with gemma.load_sidecar(path) as sidecar:
+        tokens = (np.random.default_rng(2).standard_normal((sidecar.n_tokens, 640))).astype(np.float32)
+        assert sidecar.head_log_odds(tokens) == pytest.approx(ref.head_log_odds(weights, tokens), abs=1e-4)
+    with gemma.load_sidecar(make_sidecar(tmp_path / "d.gguf")) as decision_sidecar:
+        with pytest.raises(RuntimeError, match="no confidence head"):
+            decision_sidecar.head_log_odds(tokens)
+    run = {"n_predict": 6, "threads": 1, "build_dir": build_dir, "stop": ["\n"]}
+    (tmp_path / "dump").mkdir()
+    low = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, threshold=0.0, dump_dir=tmp_path / "dump", **run)
+    features = np.load(tmp_path / "dump" / "features.npy")
+    expected = ref.head_log_odds(weights, ref.encode(weights, meta, features))
+    assert low["confidence_kind"] == "head" and low["log_odds"] == pytest.approx(expected, abs=1e-3)
+    assert low["action"] == "answered" and low["text"] == low["draft"] and low["timing"]["pass2_prompt_ms"] < 1.0
+    assert not list((tmp_path / "dump").glob("pass2_*")), "a thresholded head confidence runs no pass 2"
+    high = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, threshold=1.0, **run)
+    free = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, **run)
+    assert high["action"] == "declined" and high["text"] == meta["refusal_text"]
+    assert free["threshold"] is None and free["timing"]["pass2_prompt_ms"] > 1.0
+    for result in (high, free):
+        assert result["log_odds"] == pytest.approx(low["log_odds"], abs=1e-6)
+
+
 def test_threshold_needs_a_decision_sidecar(tmp_path, build_dir, gemma_path):
     path = make_sidecar(tmp_path / "d.gguf", confidence="ratio")
     with pytest.raises(RuntimeError, match="trained with the 'ratio' confidence"):

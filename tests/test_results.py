@@ -53,6 +53,28 @@ def test_committed_ablation_recomputes_from_its_stored_confidences(path):
         assert auroc(correct, variant["confidence"]) == pytest.approx(variant["test_auroc"], abs=1e-12), name
 
 
+CROSSFITS = sorted(RESULTS.rglob("crossfit_head.json"))
+
+
+@pytest.mark.parametrize("path", CROSSFITS, ids=lambda path: str(path.relative_to(RESULTS)))
+def test_committed_crossfit_recomputes_from_its_stored_confidences(path):
+    from peft_doubter.evaluation.metrics import auroc
+
+    crossfit = json.loads(path.read_text())
+    correct, fold = np.asarray(crossfit["correct"], dtype=bool), np.asarray(crossfit["fold"])
+    assert len(correct) == len(fold) == crossfit["n"] and set(fold) == set(range(crossfit["folds"]))
+    head = np.asarray(crossfit["methods"]["doubter_head"]["confidence"])
+    for name, method in crossfit["methods"].items():
+        confidence = np.asarray(method["confidence"])
+        assert len(confidence) == len(correct) and np.isfinite(confidence).all(), name
+        assert auroc(correct, confidence) == pytest.approx(method["auroc"], abs=1e-12), name
+        assert [auroc(correct[fold == k], confidence[fold == k]) for k in range(crossfit["folds"])] == pytest.approx(
+            method["fold_auroc"], abs=1e-12), name
+        if "head_minus_method" in method:
+            assert auroc(correct, head) - auroc(correct, confidence) == pytest.approx(
+                method["head_minus_method"]["diff"], abs=1e-12), name
+
+
 PARITIES = sorted(RESULTS.rglob("llama_cpp_parity*.json"))
 
 

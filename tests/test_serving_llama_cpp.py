@@ -133,9 +133,25 @@ def test_concurrent_clients_get_their_own_answers(client):
     assert len(replies) == 9 and all(text == expected[q] for q, text in replies), "no reply lost or mixed up"
 
 
-def test_service_needs_an_exported_decision_sidecar(tmp_path, build_dir):
+def test_head_sidecar_is_served_with_its_head_confidence(tmp_path, build_dir):
+    """A `head` sidecar: the server's confidence is the head's the one-shot tool computes (before any pass 2)."""
+    run = make_run(tmp_path / "head", confidence="head")
+    service = build_llama_cpp_service(run, model_id="doubter-gemma", threads=1, build_dir=build_dir)
+    try:
+        with running_server(service) as url:
+            prompt, _ = service.agent.backend._prompt(example_for(QUESTIONS[0]), EXEMPLARS)
+            tool = llama_cpp.run_tool(llama_cpp_gguf(), prompt, sidecar=run / SIDECAR_FILE, n_predict=8, stop=["\n"],
+                                      threshold=0.0, threads=1, build_dir=build_dir)
+            reply = ask_server(openai_client(url), QUESTIONS[0], threshold=0.0)
+    finally:
+        service.agent.backend.process.close()
+    assert tool["confidence_kind"] == "head" and tool["timing"]["pass2_prompt_ms"] < 1.0
+    assert reply.choices[0].model_extra["doubter"]["confidence"] == pytest.approx(tool["confidence"], abs=1e-9)
+
+
+def test_service_needs_an_exported_sidecar_it_can_score(tmp_path, build_dir):
     run = make_run(tmp_path / "ratio", confidence="ratio")
-    with pytest.raises(ValueError, match="llama.cpp computes only the 'decision' confidence"):
+    with pytest.raises(ValueError, match=r"llama.cpp computes only the \('decision', 'head'\) confidences"):
         build_llama_cpp_service(run, threads=1, build_dir=build_dir)
     (run / SIDECAR_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="run `peft-doubter export --run-dir"):

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import tiny_models
 import tiny_run
@@ -448,10 +449,10 @@ def test_fitted_confidence_head_is_frozen_through_the_lm_stage(workspace, tmp_pa
     assert auroc([row["correct"] for row in val], scores) == pytest.approx(fit.val_auroc, abs=1e-9)
 
 
-def test_head_confidence_trains_scores_from_pass_one_and_is_not_exported(workspace, tmp_path):
+def test_head_confidence_trains_scores_from_pass_one_and_exports(workspace, tmp_path):
     """`confidence='head'`: a linear unit on the cognitive tokens, trained by the confidence loss (it gets a gradient
     and checkpoints are chosen on its validation AUROC); scoring needs pass 1's reading only, `ask` thresholds the
-    same number, and the sidecar refuses it by name."""
+    same number, and the exported sidecar computes the same number."""
     run_dir = tmp_path / "run"
     shutil.copytree(workspace["run"], run_dir)
     args = {"num_train_epochs": 2, "per_device_train_batch_size": 4, "probe_epochs": 1, "learning_rate": 2e-3,
@@ -480,5 +481,10 @@ def test_head_confidence_trains_scores_from_pass_one_and_is_not_exported(workspa
     assert scores == pytest.approx(direct, abs=1e-6) and direct == pytest.approx(trained, abs=1e-5)
     asked = ask(run_dir, rows[0]["question"], manifest["collect"]["max_new_tokens"], model, tokenizer, threshold=0.0)
     assert asked.confidence == pytest.approx(float(sigmoid(scores[:1])[0]), abs=1e-5)
-    with pytest.raises(ValueError, match="confidence='head' has no llama.cpp implementation yet"):
-        stages.export_run(run_dir)
+    from peft_doubter.deploy import numpy_reference
+    from peft_doubter.deploy.sidecar import read_sidecar
+
+    weights, meta = read_sidecar(stages.export_run(run_dir))  # the sidecar holds the head: llama.cpp scores it too
+    exported = [numpy_reference.head_log_odds(weights, numpy_reference.encode(weights, meta, np.asarray(row["features"])))
+                for row in rows]
+    assert meta["confidence"] == "head" and exported == pytest.approx(direct, abs=1e-4)

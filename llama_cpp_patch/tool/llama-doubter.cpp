@@ -3,7 +3,8 @@
 // Pass 1 runs the prompt with injection off and reads each read layer's `l_out-<il>` through cb_eval, the
 // encoder turns the pooled features into cognitive tokens, the KV cache is cleared, and pass 2 runs the prompt
 // with the cross-attention injected. The logits at the prompt's last position give the Doubter's decision
-// confidence (log-odds of not starting the refusal, as PyTorch's `decision_log_odds`). Then either pass 2 decodes
+// confidence (log-odds of not starting the refusal, as PyTorch's `decision_log_odds`), or, for a sidecar with the
+// `head` confidence, the head reads it from the cognitive tokens before pass 2. Then either pass 2 decodes
 // its own text greedily (AGC gain and dynamic refresh as the sidecar says), or, with --threshold, the reply is the
 // base's own greedy answer (decoded in pass 1, injection off) when the confidence reaches the threshold and the
 // refusal text otherwise. --no-doubter runs plain greedy generation from the same binary, for speed comparisons.
@@ -279,6 +280,9 @@ struct engine {
     std::vector<int> read_layers, inject_layers;
     std::string refusal;
     bool decision = false; // the sidecar's confidence is the decision (which this tool computes), not the ratio
+    bool head = false;     // the sidecar's confidence is its head's (computed from the encoder alone, before pass 2)
+
+    const char * confidence_kind() const { return head ? "head" : decision ? "decision" : "ratio"; }
 
     engine(llama_model * model, llama_adapter_doubter * adapter, int n_ctx, int n_threads)
         : model(model), adapter(adapter), vocab(llama_model_get_vocab(model)), n_embd(llama_model_n_embd(model)),
@@ -312,6 +316,7 @@ struct engine {
             refresh = llama_doubter_adapter_refresh(adapter, &refresh_interval, &refresh_threshold);
             refusal = llama_doubter_adapter_refusal_text(adapter);
             decision = llama_doubter_adapter_confidence(adapter) == LLAMA_DOUBTER_CONFIDENCE_DECISION;
+            head     = llama_doubter_adapter_confidence(adapter) == LLAMA_DOUBTER_CONFIDENCE_HEAD;
             for (int i = 0; i < n_read; i++) {
                 read_layers.push_back(llama_doubter_adapter_read_layer(adapter, i));
             }
@@ -406,9 +411,9 @@ struct engine {
             if (!adapter) {
                 throw std::runtime_error("a threshold needs the Doubter");
             }
-            if (!decision) {
+            if (!decision && !head) {
                 throw std::runtime_error("the sidecar's Doubter was trained with the 'ratio' confidence, which this tool "
-                                         "does not compute; a threshold needs a 'decision' sidecar");
+                                         "does not compute; a threshold needs a 'decision' or 'head' sidecar");
             }
             if (!(r.threshold >= 0.0 && r.threshold <= 1.0)) {
                 throw std::runtime_error("threshold must be a number in [0, 1]");
@@ -433,6 +438,7 @@ struct engine {
         double running_count = 0.0;
         std::vector<llama_token> draft;
         std::string draft_text;
+        json confidence = nullptr, log_odds = nullptr, refusal_tok = nullptr;
         const bool need_mean = pooling != LLAMA_DOUBTER_POOLING_LAST;
 
         auto newest_row = [&](int il) -> const float * {
@@ -492,6 +498,14 @@ struct engine {
             tokens.assign((size_t) n_tok*n_embd, 0.0f);
             if (llama_doubter_encode(ctx, feats.data(), feats.size(), tokens.data()) != 0) {
                 throw std::runtime_error("the Doubter encoder failed");
+            }
+            if (head) { // the head's confidence needs the encoder only
+                float lo = 0.0f;
+                if (llama_doubter_adapter_head_log_odds(adapter, tokens.data(), tokens.size(), &lo, n_threads) != 0) {
+                    throw std::runtime_error("the Doubter's confidence head failed");
+                }
+                log_odds   = lo;
+                confidence = 1.0/(1.0 + std::exp(-(double) lo));
             }
             const int64_t t3 = ggml_time_us();
             t_pass1_ms  = elapsed_ms(t0, t1);
@@ -565,9 +579,11 @@ struct engine {
             }
         };
 
-        // pass 2 (or the only pass): the prompt, then greedy decoding unless the threshold decides
+        // pass 2 (or the only pass): the prompt, then greedy decoding unless the threshold decides; a thresholded
+        // head confidence has decided already and runs no pass 2
+        const bool pass2 = !(head && thresholded);
         const int64_t t_p0 = ggml_time_us();
-        if (adapter) {
+        if (adapter && pass2) {
             llama_doubter_set_alpha(ctx, llama_doubter_adapter_agc_alpha(adapter, step));
             if (dump) { // the pass-2 prompt also gives each inject layer's output and cross-attention delta
                 cap.l_out.insert(inject_layers.begin(), inject_layers.end());
@@ -575,8 +591,9 @@ struct engine {
             }
             cap.start();
         }
-        decode(prompt.data(), n_prompt, 0, false, "prompt processing");
-        json confidence = nullptr, log_odds = nullptr, refusal_tok = nullptr;
+        if (pass2) {
+            decode(prompt.data(), n_prompt, 0, false, "prompt processing");
+        }
         if (adapter && decision) {
             const llama_token token = refusal_token(r.prompt);
             const double lo = decision_log_odds(token);
@@ -584,7 +601,7 @@ struct engine {
             confidence  = 1.0/(1.0 + std::exp(-lo));
             refusal_tok = token;
         }
-        if (adapter) {
+        if (adapter && pass2) {
             if (dump) {
                 for (const auto & [name, v] : cap.data) {
                     write_npy(r.dump_dir + "/pass2_" + name + ".npy", v, n_embd);
@@ -631,7 +648,7 @@ struct engine {
         out["declined"]      = declined;
         out["action"]        = action;
         out["confidence"]    = confidence; // null without the Doubter or with a ratio-trained one
-        out["confidence_kind"] = adapter ? json(decision ? "decision" : "ratio") : json(nullptr);
+        out["confidence_kind"] = adapter ? json(confidence_kind()) : json(nullptr);
         out["log_odds"]      = log_odds;
         out["threshold"]     = thresholded ? json(r.threshold) : json(nullptr);
         out["refusal_token"] = refusal_tok;
@@ -660,7 +677,7 @@ static std::string dumped(const json & j) {
 // {"error": ...} and the loop goes on
 static int serve_lines(engine & eng, const params & p) {
     json ready = {{"ready", true}, {"mode", eng.adapter ? "doubter" : "plain"}, {"n_ctx", eng.n_ctx},
-                  {"confidence_kind", eng.adapter ? json(eng.decision ? "decision" : "ratio") : json(nullptr)},
+                  {"confidence_kind", eng.adapter ? json(eng.confidence_kind()) : json(nullptr)},
                   {"refusal_text", eng.adapter ? json(eng.refusal) : json(nullptr)}};
     std::cout << dumped(ready) << std::endl; // the model and sidecar loaded: requests may come
     std::string line;

@@ -30,7 +30,8 @@ ENCODER_TYPES = ("selective", "multi_token", "transformer", "attentive")
 POOLINGS = ("last", "mean", "last_mean")
 READ_POSITIONS = ("prompt", "answer")
 CONFIDENCES = ("decision", "ratio", "head")
-SIDECAR_CONFIDENCES = ("decision", "ratio")  # those a llama.cpp sidecar holds
+SIDECAR_CONFIDENCES = ("decision", "ratio", "head")  # those a llama.cpp sidecar holds
+TOOL_CONFIDENCES = ("decision", "head")  # those llama.cpp computes (and thresholds)
 LAYER_SPEC_WORDS = ("all", "late")
 
 # --------------------------------------------------------------------------------------------------- the agent

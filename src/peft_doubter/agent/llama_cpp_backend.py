@@ -1,5 +1,5 @@
 """The agent's model on llama.cpp: `llama-doubter --jsonl` drafts each answer and computes the Doubter's decision
-confidence with it, with no PyTorch compute. Prompts are built exactly as PyTorch builds them (the run's prompt
+(or head) confidence with it, with no PyTorch compute. Prompts are built exactly as PyTorch builds them (the run's prompt
 format and exemplars, through the base's tokenizer), so the thresholds a run certified apply; on a quantized GGUF
 the confidence differs from PyTorch's by the quantization's effect on the logits."""
 
@@ -15,11 +15,12 @@ import numpy as np
 from ..data.collection import CollectConfig
 from ..data.prompts import PromptConfig, build_prompt, first_line
 from ..deploy.llama_cpp import LlamaDoubterProcess
+from ..names import TOOL_CONFIDENCES
 
 
 class LlamaCppBackend:
     """A run's Doubter on llama.cpp. Rows carry `doubter_confidence`, the decision confidence the tool computed at
-    the end of the prompt (`ToolConfidenceScorer` reads it); the tool gives no token log-probabilities and cannot
+    the end of the prompt (or the head's, from pass 1 alone) (`ToolConfidenceScorer` reads it); the tool gives no token log-probabilities and cannot
     score an answer other than the base's own draft."""
 
     name = "llama.cpp"
@@ -27,9 +28,9 @@ class LlamaCppBackend:
 
     def __init__(self, process: LlamaDoubterProcess, tokenizer, manifest: dict[str, Any],
                  max_new_tokens: Optional[int] = None) -> None:
-        if process.info.get("confidence_kind") != "decision":
+        if process.info.get("confidence_kind") not in TOOL_CONFIDENCES:
             raise ValueError(f"The sidecar's Doubter has the {process.info.get('confidence_kind')!r} confidence; "
-                             "llama.cpp computes only the 'decision' confidence (train with confidence='decision').")
+                             f"llama.cpp computes only the {TOOL_CONFIDENCES} confidences (train with one of them).")
         self.process, self.tokenizer = process, tokenizer
         self.prompt_config = PromptConfig(**manifest["prompt"])
         collect = CollectConfig(**manifest["collect"])

@@ -128,6 +128,7 @@ class LlamaCpp:
             "llama_doubter_adapter_n_tokens": ([p], i32),
             "llama_doubter_adapter_agc_alpha": ([p, i32], ctypes.c_float),
             "llama_doubter_adapter_encode": ([p, _FLOATS, size, _FLOATS, size, i32], i32),
+            "llama_doubter_adapter_head_log_odds": ([p, _FLOATS, size, _FLOATS, i32], i32),
             "llama_doubter_adapter_apply_ca": ([p, i32, _FLOATS, size, _FLOATS, i32, ctypes.c_float, _FLOATS, i32],
                                                i32),
             "llama_model_n_embd": ([p], i32),
@@ -207,6 +208,17 @@ class Sidecar:
             raise RuntimeError(f"llama.cpp encoder failed: {self.model.llama._take_errors()}")
         return tokens
 
+    def head_log_odds(self, tokens: np.ndarray, threads: int = 1) -> float:
+        """A `head` sidecar's confidence log-odds from cognitive tokens (T, H)."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.float32)
+        if tokens.shape != (self.n_tokens, self.model.n_embd):
+            raise ValueError(f"tokens must have shape {(self.n_tokens, self.model.n_embd)}, got {tokens.shape}.")
+        log_odds = np.zeros(1, dtype=np.float32)
+        if self._lib.llama_doubter_adapter_head_log_odds(self.handle, _floats(tokens), tokens.size, _floats(log_odds),
+                                                         threads):
+            raise RuntimeError(f"llama.cpp confidence head failed: {self.model.llama._take_errors()}")
+        return float(log_odds[0])
+
     def cross_attention(self, layer: int, hidden: np.ndarray, tokens: np.ndarray, alpha: float = 1.0,
                         threads: int = 1) -> np.ndarray:
         """Inject layer `layer` applied to hidden states (S, H) with cognitive tokens (T, H): h + alpha * CA(h)."""
@@ -263,7 +275,7 @@ def run_tool(
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Run `llama-doubter --json` once (plain generation when `sidecar` is None) and return its parsed output: text,
-    declined, action, confidence (the decision confidence; null for a ratio sidecar), log_odds, n_prompt, n_gen,
+    declined, action, confidence (the decision or head confidence; null for a ratio sidecar), log_odds, n_prompt, n_gen,
     n_refresh, tokens and timing (pass1_ms, draft_ms, encode_ms, pass2_prompt_ms, prompt_ms, decode_ms,
     decode_tokens, decode_tok_s). With `threshold` the text is the base's own greedy answer when the confidence
     reaches it and the refusal otherwise. `sidecar` is a file or a Hub repo id (`user/name`, whose

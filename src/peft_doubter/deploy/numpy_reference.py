@@ -110,6 +110,12 @@ def encode(weights: Weights, metadata: Mapping[str, Any], features: np.ndarray) 
     return layer_norm(c, _w(weights, "encoder.output_norm.weight"), _w(weights, "encoder.output_norm.bias"), eps)
 
 
+def head_log_odds(weights: Weights, tokens: np.ndarray) -> float:
+    """`confidence='head'`: the confidence's log-odds from the cognitive tokens (T, H), w . mean(tokens) + b."""
+    mean = np.asarray(tokens, dtype=np.float64).mean(0)
+    return float(_w(weights, "encoder.confidence_head.weight")[0] @ mean + _w(weights, "encoder.confidence_head.bias")[0])
+
+
 def agc_alpha(metadata: Mapping[str, Any], step: int) -> float:
     """AGC gain after `step` generated tokens (1 when AGC is off)."""
     if not metadata["agc_enabled"]:

@@ -82,7 +82,7 @@ META_KEYS = (
     MetaKey("refresh_interval", "u32"),
     MetaKey("refusal_text", "str"),
     # the confidence the Doubter was trained and evaluated with (`names.SIDECAR_CONFIDENCES`); llama.cpp computes
-    # `decision`
+    # `decision` and `head`
     MetaKey("confidence", "str"),
     MetaKey("base_fingerprint", "str", required=False),  # JSON text
 )
@@ -134,6 +134,8 @@ TENSOR_NAMES = (
     TensorName("ENC_OUT_FC2_B", "encoder.output.fc2.bias", "dbt.enc.out.fc2.b"),
     TensorName("ENC_OUTPUT_NORM_W", "encoder.output_norm.weight", "dbt.enc.onorm.w"),
     TensorName("ENC_OUTPUT_NORM_B", "encoder.output_norm.bias", "dbt.enc.onorm.b"),
+    TensorName("ENC_CONF_HEAD_W", "encoder.confidence_head.weight", "dbt.enc.conf.w"),
+    TensorName("ENC_CONF_HEAD_B", "encoder.confidence_head.bias", "dbt.enc.conf.b"),
     TensorName("CA_NORM_W", "ca.{l}.norm.weight", "dbt.ca.{l}.ln.w"),
     TensorName("CA_NORM_B", "ca.{l}.norm.bias", "dbt.ca.{l}.ln.b"),
     TensorName("CA_DOWN", "ca.{l}.down_proj.weight", "dbt.ca.{l}.down"),
@@ -227,6 +229,8 @@ def expected_shapes(metadata: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
                    "encoder.output.fc1.weight": (hidden, b), "encoder.output.fc1.bias": (hidden,),
                    "encoder.output.fc2.weight": (hidden, hidden), "encoder.output.fc2.bias": (hidden,),
                    "encoder.output_norm.weight": (hidden,), "encoder.output_norm.bias": (hidden,)})
+    if metadata["confidence"] == "head":
+        shapes.update({"encoder.confidence_head.weight": (1, hidden), "encoder.confidence_head.bias": (1,)})
     for layer in metadata["inject_layers"]:
         p = f"ca.{layer}."
         shapes.update({p + "norm.weight": (hidden,), p + "norm.bias": (hidden,),
