@@ -10,7 +10,8 @@ probabilities, the probe, probe + answer probabilities, stacked logistic regress
 fit on all of the other folds (the baselines get the head's validation questions too: the comparison favours them).
 Every method is then compared on all questions at once (pooled scores: AUROC with a 95% interval and paired
 bootstrap differences against the head) and fold by fold. A fold's scores are saved as it finishes
-(`<json stem>.folds/`), so an interrupted run resumes. `--json X.json` also writes the table X.md; the JSON stores
+(`<json stem>.folds/`), so an interrupted run resumes, and `--only K,L` scores just those folds (processes on
+different folds run side by side; a last run without it writes the summary). `--json X.json` also writes the table X.md; the JSON stores
 every question's correctness, fold and every method's confidence, so each AUROC can be recomputed from it.
 No base model runs: about 15 minutes per fold of 8,000 TriviaQA questions on 2 CPU cores.
 """
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", help="Comma-separated folds: score just these and exit (run several processes on "
+                        "different folds, then once without --only for the summary).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -109,12 +112,15 @@ def main() -> None:
     fold_dir = args.json.with_suffix(".folds")
     fold_dir.mkdir(parents=True, exist_ok=True)
     scores: dict[str, np.ndarray] = {}
+    only = None if args.only is None else {int(k) for k in args.only.split(",")}
     for fold, (train_index, test_index) in enumerate(tqdm(list(splitter.split(rows, correct)), desc="folds")):
         folds[test_index] = fold
         path = fold_dir / f"fold-{fold}.json"
-        if not path.exists():
+        if (only is None or fold in only) and not path.exists():
             scored = score_fold(config, rows, train_index, test_index, args.seed, args.epochs)
             path.write_text(json.dumps({"test_index": test_index.tolist(), **scored}))
+        if only is not None:
+            continue
         scored = json.loads(path.read_text())
         if scored["test_index"] != test_index.tolist():
             raise SystemExit(f"{path} was written for other folds: delete {fold_dir} to start again.")
@@ -122,6 +128,8 @@ def main() -> None:
             if name not in ("test_index", "head_epoch"):
                 scores.setdefault(name, np.full(len(rows), np.nan))[test_index] = values
 
+    if only is not None:
+        return
     methods = {}
     for name, confidence in scores.items():
         methods[name] = {
