@@ -7,7 +7,9 @@ the target columns (prompts are aligned to end in one column, so the targets of 
 the decision is read in the first of them): Gemma's vocabulary has 262k entries, so full logits would dominate time
 and memory. Rows carrying pass 1's cached reading (`pass1_features`) run pass 2 only, and rows carrying the cached
 states entering the first inject layer (`prefix_hidden`) start pass 2 there. Checkpoints are chosen on validation
-AUROC of the decision confidence. Gates and token preferences learn `gate_lr_multiplier` times faster.
+AUROC of the decision confidence. Gates and token preferences learn `gate_lr_multiplier` times faster. With
+`fit_confidence_head` (confidence='head') the encoder and head are fit on the confidence alone first
+(`fit_confidence_head`, from the cached readings) and frozen, and the two-pass loss trains the injection only.
 """
 
 from __future__ import annotations
