@@ -7,9 +7,13 @@ The run's questions (every split) are cut into `--folds` stratified folds. For e
 its confidence head (`fit_confidence_head`, the run's Doubter settings with `encoder_type='attentive'`) is fit on the
 other folds, its epoch chosen on a held-out 15% of them, and every baseline of the evaluation report (answer
 probabilities, the probe, probe + answer probabilities, stacked logistic regression and gradient-boosted trees) is
-fit on all of the other folds (the baselines get the head's validation questions too: the comparison favours them).
-Every method is then compared on all questions at once (pooled scores: AUROC with a 95% interval and paired
-bootstrap differences against the head) and fold by fold. A fold's scores are saved as it finishes
+fit on all of the other folds: every method gets the same training questions and selects its model within them
+(the head holds out 15% for its epoch and does not refit on them, the probes cross-validate C and refit, the
+gradient-boosted trees stop early on 10%).
+Every method is compared fold by fold (the mean of the per-fold AUROCs, and the head's paired difference with
+questions resampled within folds: the headline, since each fold's scores come from other models and the head's
+log-odds are on another scale in each fold) and over all questions at once (pooled AUROC with a 95% interval and
+paired bootstrap differences). A fold's scores are saved as it finishes
 (`<json stem>.folds/`), so an interrupted run resumes, and `--only K,L` scores just those folds (processes on
 different folds run side by side; a last run without it writes the summary). `--json X.json` also writes the table X.md; the JSON stores
 every question's correctness, fold and every method's confidence, so each AUROC can be recomputed from it.
@@ -33,7 +37,7 @@ from peft_doubter.data.sequences import cached_reading
 from peft_doubter.evaluation.baselines import answer_token_summary, baseline_confidences
 from peft_doubter.evaluation.confidence import pass_one_features
 from peft_doubter.evaluation.metrics import auroc
-from peft_doubter.evaluation.statistics import bootstrap_ci, paired_bootstrap_diff
+from peft_doubter.evaluation.statistics import bootstrap_ci, paired_bootstrap_diff, stratified_paired_bootstrap_diff
 from peft_doubter.runs.manifest import build_doubter_config, read_manifest
 from peft_doubter.training.trainer import fit_confidence_head
 from peft_doubter.tuner.layer import CognitiveEncoder
@@ -78,14 +82,21 @@ def summary_markdown(results: dict) -> str:
     methods = results["methods"]
     lines = [(f"Cross-fitted on `{results['run_dir']}`: {results['n']} questions in {results['folds']} folds (base "
               f"accuracy {results['base_accuracy']:.3f}); every question scored by models fit on the other folds."), "",
-             "| method | pooled AUROC [95% CI] | mean fold AUROC | head − method (paired) [95% CI] |",
-             "|---|---|---|---|"]
-    for name, method in sorted(methods.items(), key=lambda item: -item[1]["auroc"]):
+             ("| method | mean fold AUROC | folds | head − method, fold mean (paired, within folds) [95% CI] | "
+              "pooled AUROC [95% CI] | head − method, pooled [95% CI] |"),
+             "|---|---|---|---|---|---|"]
+
+    def paired(diff: dict | None) -> str:
+        return "" if diff is None else f"{diff['diff']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
+
+    for name, method in sorted(methods.items(), key=lambda item: -item[1]["fold_mean_auroc"]):
         low, high = method["auroc_ci"]
-        diff = method.get("head_minus_method")
-        paired = "" if diff is None else f"{diff['diff']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
-        lines.append(f"| {name} | {method['auroc']:.3f} [{low:.3f}, {high:.3f}] | "
-                     f"{np.mean(method['fold_auroc']):.3f} | {paired} |")
+        lines.append(f"| {name} | {method['fold_mean_auroc']:.3f} | "
+                     + " ".join(f"{a:.3f}" for a in method["fold_auroc"])
+                     + f" | {paired(method.get('head_minus_method_fold_mean'))} | {method['auroc']:.3f} "
+                     f"[{low:.3f}, {high:.3f}] | {paired(method.get('head_minus_method'))} |")
+    lines += ["", ("Fold mean: each fold's AUROC on its own models' scores, averaged (the head's log-odds are on "
+                   "another scale in each fold, which pooling punishes); pooled: one AUROC over all questions.")]
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +148,11 @@ def main() -> None:
             "fold_auroc": [auroc(correct[folds == k], confidence[folds == k]) for k in range(args.folds)],
             "confidence": confidence.tolist(),
         }
+        methods[name]["fold_mean_auroc"] = float(np.mean(methods[name]["fold_auroc"]))
         if name != HEAD:
             methods[name]["head_minus_method"] = paired_bootstrap_diff(auroc, correct, scores[HEAD], confidence)
+            methods[name]["head_minus_method_fold_mean"] = stratified_paired_bootstrap_diff(
+                auroc, correct, scores[HEAD], confidence, folds)
     results = {"run_dir": str(args.run_dir), "n": len(rows), "folds": args.folds, "seed": args.seed,
                "epochs": args.epochs, "base_accuracy": float(correct.mean()), "correct": correct.tolist(),
                "fold": folds.tolist(), "methods": methods}

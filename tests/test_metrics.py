@@ -142,6 +142,25 @@ def test_paired_bootstrap_diff():
     assert (same["diff"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
 
 
+def test_stratified_paired_bootstrap_diff_compares_within_strata():
+    """Scores on another scale in each stratum (as from the models of a cross-fitting): pooling them ruins the
+    ranking, the stratified difference is the mean of the per-stratum differences, resampled within strata."""
+    rng = np.random.default_rng(0)
+    strata = np.repeat([0, 1, 2], 200)
+    conf = rng.random(600)
+    correct = rng.random(600) < conf
+    shifted = conf + 5 * strata  # same order within each stratum, another scale per stratum
+    noise = rng.random(600)
+    out = S.stratified_paired_bootstrap_diff(M.auroc, correct, shifted, noise, strata, n_resamples=200)
+    per_stratum = [M.auroc(correct[strata == k], conf[strata == k]) - M.auroc(correct[strata == k], noise[strata == k])
+                   for k in range(3)]
+    assert out["diff"] == pytest.approx(np.mean(per_stratum))
+    assert 0 < out["ci_low"] < out["diff"] < out["ci_high"] and out["pvalue"] < 0.01
+    assert M.auroc(correct, shifted) < M.auroc(correct, conf) - 0.05, "pooled scores of other scales rank worse"
+    with pytest.raises(ValueError, match="same shape"):
+        S.stratified_paired_bootstrap_diff(M.auroc, correct, conf, noise, strata[:10])
+
+
 def test_summarize_points_and_intervals():
     out = M.summarize(CORRECT, CONF, n_resamples=200, seed=0)
     assert out["n"] == 5

@@ -70,9 +70,13 @@ def test_committed_crossfit_recomputes_from_its_stored_confidences(path):
         assert auroc(correct, confidence) == pytest.approx(method["auroc"], abs=1e-12), name
         assert [auroc(correct[fold == k], confidence[fold == k]) for k in range(crossfit["folds"])] == pytest.approx(
             method["fold_auroc"], abs=1e-12), name
+        assert np.mean(method["fold_auroc"]) == pytest.approx(method["fold_mean_auroc"], abs=1e-12), name
         if "head_minus_method" in method:
             assert auroc(correct, head) - auroc(correct, confidence) == pytest.approx(
                 method["head_minus_method"]["diff"], abs=1e-12), name
+            fold_diffs = [auroc(correct[fold == k], head[fold == k]) - auroc(correct[fold == k], confidence[fold == k])
+                          for k in range(crossfit["folds"])]
+            assert np.mean(fold_diffs) == pytest.approx(method["head_minus_method_fold_mean"]["diff"], abs=1e-12), name
 
 
 PARITIES = sorted(RESULTS.rglob("llama_cpp_parity*.json"))

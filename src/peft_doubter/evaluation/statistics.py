@@ -1,5 +1,5 @@
 """Statistics for comparing abstainers on the same questions: Wilson intervals, percentile and paired bootstraps
-over questions, McNemar's test. Only numpy and the standard library."""
+over questions (also stratified, for cross-fitted scores), McNemar's test. Only numpy and the standard library."""
 
 from __future__ import annotations
 
@@ -102,6 +102,37 @@ def paired_bootstrap_diff(
     pvalue = min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
     diff = float(metric_fn(corr, a) - metric_fn(corr, b))
     return {"diff": diff, "ci_low": low, "ci_high": high, "pvalue": float(pvalue)}
+
+
+def stratified_paired_bootstrap_diff(
+    metric_fn: Callable[[np.ndarray, np.ndarray], float],
+    correct: ArrayLike,
+    conf_a: ArrayLike,
+    conf_b: ArrayLike,
+    strata: ArrayLike,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, float]:
+    """Like :func:`paired_bootstrap_diff` for the mean over strata of the per-stratum metric (e.g. the folds of a
+    cross-fitting, whose scores come from different models and are comparable only within a fold): questions are
+    resampled within each stratum. Returns ``diff`` (mean over strata of metric(a) - metric(b) on the full data),
+    ``ci_low``/``ci_high`` and ``pvalue`` as :func:`paired_bootstrap_diff` does."""
+    corr = _as_correct(correct)
+    a, b, groups = np.asarray(conf_a, dtype=np.float64), np.asarray(conf_b, dtype=np.float64), np.asarray(strata)
+    if a.shape != corr.shape or b.shape != corr.shape or groups.shape != corr.shape:
+        raise ValueError("`correct`, `conf_a`, `conf_b` and `strata` must have the same shape.")
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+
+    def mean_diff(parts: list[np.ndarray]) -> float:
+        return float(np.mean([metric_fn(corr[i], a[i]) - metric_fn(corr[i], b[i]) for i in parts]))
+
+    rng = np.random.default_rng(seed)
+    diffs = np.array([mean_diff([rng.choice(m, size=m.size) for m in members]) for _ in range(n_resamples)])
+    low, high = _percentile_interval(diffs, alpha)
+    finite = diffs[np.isfinite(diffs)]
+    pvalue = min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
+    return {"diff": mean_diff(members), "ci_low": low, "ci_high": high, "pvalue": float(pvalue)}
 
 
 def mcnemar(a_correct: ArrayLike, b_correct: ArrayLike, exact_below: int = 25) -> McNemarResult:
