@@ -97,10 +97,14 @@ def paired_bootstrap_diff(
         raise ValueError("`correct`, `conf_a` and `conf_b` must have the same shape.")
     resamples = _resamples(corr.size, n_resamples, seed)
     diffs = np.array([metric_fn(corr[i], a[i]) - metric_fn(corr[i], b[i]) for i in resamples])
-    low, high = _percentile_interval(diffs, alpha)
-    finite = diffs[np.isfinite(diffs)]
+    return _difference(float(metric_fn(corr, a) - metric_fn(corr, b)), diffs, alpha)
+
+
+def _difference(diff: float, resampled: np.ndarray, alpha: float) -> dict[str, float]:
+    """A difference on the full data with the percentile interval and two-sided p-value of its resamples."""
+    low, high = _percentile_interval(resampled, alpha)
+    finite = resampled[np.isfinite(resampled)]
     pvalue = min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
-    diff = float(metric_fn(corr, a) - metric_fn(corr, b))
     return {"diff": diff, "ci_low": low, "ci_high": high, "pvalue": float(pvalue)}
 
 
@@ -129,10 +133,7 @@ def stratified_paired_bootstrap_diff(
 
     rng = np.random.default_rng(seed)
     diffs = np.array([mean_diff([rng.choice(m, size=m.size) for m in members]) for _ in range(n_resamples)])
-    low, high = _percentile_interval(diffs, alpha)
-    finite = diffs[np.isfinite(diffs)]
-    pvalue = min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
-    return {"diff": mean_diff(members), "ci_low": low, "ci_high": high, "pvalue": float(pvalue)}
+    return _difference(mean_diff(members), diffs, alpha)
 
 
 def mcnemar(a_correct: ArrayLike, b_correct: ArrayLike, exact_below: int = 25) -> McNemarResult:
