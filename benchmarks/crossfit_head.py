@@ -44,6 +44,7 @@ from peft_doubter.tuner.layer import CognitiveEncoder
 
 
 HEAD = "doubter_head"
+ENSEMBLE = "doubter_head_ensemble"
 VAL_SHARE = 0.15
 
 
@@ -55,9 +56,10 @@ def summary(rows: list[dict]) -> np.ndarray:
     return answer_token_summary([row["answer_states"] for row in rows], [row["token_signals"] for row in rows])
 
 
-def score_fold(config, rows: list[dict], train_index: np.ndarray, test_index: np.ndarray, seed: int,
-               epochs: int) -> dict[str, list[float]]:
-    """Every method's confidence on the fold's test questions, fit on its training questions."""
+def head_log_odds(config, rows: list[dict], train_index: np.ndarray, test_index: np.ndarray, seed: int,
+                  epochs: int) -> tuple[np.ndarray, int]:
+    """The head's log-odds on the fold's test questions (fit on its training questions, `seed` choosing the
+    initialisation and the held-out share) and the epoch it kept."""
     correct = np.array([row["correct"] for row in rows], dtype=bool)
     fit_index, val_index = train_test_split(train_index, test_size=VAL_SHARE, stratify=correct[train_index],
                                             random_state=seed)
@@ -68,23 +70,32 @@ def score_fold(config, rows: list[dict], train_index: np.ndarray, test_index: np
                               features_key="features", epochs=epochs, seed=seed)
     test = [rows[i] for i in test_index]
     with torch.no_grad():
-        head = np.concatenate([encoder.confidence_log_odds(encoder(cached_reading(test[i:i + 64]))).numpy()
-                               for i in range(0, len(test), 64)])
-    train = [rows[i] for i in train_index]
+        return np.concatenate([encoder.confidence_log_odds(encoder(cached_reading(test[i:i + 64]))).numpy()
+                               for i in range(0, len(test), 64)]), fit.epoch
+
+
+def score_fold(config, rows: list[dict], train_index: np.ndarray, test_index: np.ndarray, seed: int,
+               epochs: int) -> dict[str, list[float]]:
+    """Every method's confidence on the fold's test questions, fit on its training questions."""
+    correct = np.array([row["correct"] for row in rows], dtype=bool)
+    head, epoch = head_log_odds(config, rows, train_index, test_index, seed, epochs)
+    test, train = [rows[i] for i in test_index], [rows[i] for i in train_index]
     baselines = baseline_confidences(pass_one_features(train), correct[train_index], pass_one_features(test),
                                      hidden(train), hidden(test), seed=seed, extra_train=summary(train),
                                      extra_test=summary(test))
-    return {HEAD: (1 / (1 + np.exp(-head))).tolist(), "head_epoch": fit.epoch,
+    return {HEAD: (1 / (1 + np.exp(-head))).tolist(), "head_epoch": epoch,
             **{name: np.asarray(scores, dtype=float).tolist() for name, scores in baselines.items()}}
 
 
 def summary_markdown(results: dict) -> str:
     methods = results["methods"]
+    ensemble = ENSEMBLE in methods
     lines = [(f"Cross-fitted on `{results['run_dir']}`: {results['n']} questions in {results['folds']} folds (base "
               f"accuracy {results['base_accuracy']:.3f}); every question scored by models fit on the other folds."), "",
              ("| method | mean fold AUROC | folds | head − method, fold mean (paired, within folds) [95% CI] | "
-              "pooled AUROC [95% CI] | head − method, pooled [95% CI] |"),
-             "|---|---|---|---|---|---|"]
+              "pooled AUROC [95% CI] | head − method, pooled [95% CI] |" + (" seed ensemble − method, fold mean |"
+                                                                              if ensemble else "")),
+             "|---|---|---|---|---|---|" + ("---|" if ensemble else "")]
 
     def paired(diff: dict | None) -> str:
         return "" if diff is None else f"{diff['diff']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
@@ -94,7 +105,8 @@ def summary_markdown(results: dict) -> str:
         lines.append(f"| {name} | {method['fold_mean_auroc']:.3f} | "
                      + " ".join(f"{a:.3f}" for a in method["fold_auroc"])
                      + f" | {paired(method.get('head_minus_method_fold_mean'))} | {method['auroc']:.3f} "
-                     f"[{low:.3f}, {high:.3f}] | {paired(method.get('head_minus_method'))} |")
+                     f"[{low:.3f}, {high:.3f}] | {paired(method.get('head_minus_method'))} |"
+                     + (f" {paired(method.get('ensemble_minus_method_fold_mean'))} |" if ensemble else ""))
     lines += ["", ("Fold mean: each fold's AUROC on its own models' scores, averaged (the head's log-odds are on "
                    "another scale in each fold, which pooling punishes); pooled: one AUROC over all questions.")]
     return "\n".join(lines) + "\n"
@@ -108,6 +120,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ensemble-seeds", help="Comma-separated extra seeds: also fit the head with each (its own "
+                        "initialisation and held-out share) and compare the mean of all seeds' log-odds.")
     parser.add_argument("--only", help="Comma-separated folds: score just these and exit (run several processes on "
                         "different folds, then once without --only for the summary).")
     args = parser.parse_args()
@@ -124,20 +138,31 @@ def main() -> None:
     fold_dir.mkdir(parents=True, exist_ok=True)
     scores: dict[str, np.ndarray] = {}
     only = None if args.only is None else {int(k) for k in args.only.split(",")}
+    ensemble_seeds = [int(s) for s in args.ensemble_seeds.split(",")] if args.ensemble_seeds else []
     for fold, (train_index, test_index) in enumerate(tqdm(list(splitter.split(rows, correct)), desc="folds")):
         folds[test_index] = fold
         path = fold_dir / f"fold-{fold}.json"
         if (only is None or fold in only) and not path.exists():
             scored = score_fold(config, rows, train_index, test_index, args.seed, args.epochs)
             path.write_text(json.dumps({"test_index": test_index.tolist(), **scored}))
+        for extra in ensemble_seeds if only is None or fold in only else ():
+            scored = json.loads(path.read_text())
+            if f"head_log_odds_seed{extra}" not in scored:
+                log_odds, _ = head_log_odds(config, rows, train_index, test_index, extra, args.epochs)
+                path.write_text(json.dumps({**scored, f"head_log_odds_seed{extra}": log_odds.tolist()}))
         if only is not None:
             continue
         scored = json.loads(path.read_text())
         if scored["test_index"] != test_index.tolist():
             raise SystemExit(f"{path} was written for other folds: delete {fold_dir} to start again.")
         for name, values in scored.items():
-            if name not in ("test_index", "head_epoch"):
+            if name not in ("test_index", "head_epoch") and not name.startswith("head_log_odds_seed"):
                 scores.setdefault(name, np.full(len(rows), np.nan))[test_index] = values
+        if ensemble_seeds:  # the mean of every seed's log-odds (the first seed's recovered from its confidence)
+            first = np.asarray(scored[HEAD])
+            members = [np.log(first / (1 - first))] + [np.asarray(scored[f"head_log_odds_seed{s}"])
+                                                        for s in ensemble_seeds]
+            scores.setdefault(ENSEMBLE, np.full(len(rows), np.nan))[test_index] = 1 / (1 + np.exp(-np.mean(members, 0)))
 
     if only is not None:
         return
@@ -149,12 +174,15 @@ def main() -> None:
             "confidence": confidence.tolist(),
         }
         methods[name]["fold_mean_auroc"] = float(np.mean(methods[name]["fold_auroc"]))
-        if name != HEAD:
+        if name not in (HEAD, ENSEMBLE):
             methods[name]["head_minus_method"] = paired_bootstrap_diff(auroc, correct, scores[HEAD], confidence)
             methods[name]["head_minus_method_fold_mean"] = stratified_paired_bootstrap_diff(
                 auroc, correct, scores[HEAD], confidence, folds)
+            if ENSEMBLE in scores:
+                methods[name]["ensemble_minus_method_fold_mean"] = stratified_paired_bootstrap_diff(
+                    auroc, correct, scores[ENSEMBLE], confidence, folds)
     results = {"run_dir": str(args.run_dir), "n": len(rows), "folds": args.folds, "seed": args.seed,
-               "epochs": args.epochs, "base_accuracy": float(correct.mean()), "correct": correct.tolist(),
+               "epochs": args.epochs, "ensemble_seeds": ensemble_seeds, "base_accuracy": float(correct.mean()), "correct": correct.tolist(),
                "fold": folds.tolist(), "methods": methods}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

@@ -74,9 +74,14 @@ def test_committed_crossfit_recomputes_from_its_stored_confidences(path):
         if "head_minus_method" in method:
             assert auroc(correct, head) - auroc(correct, confidence) == pytest.approx(
                 method["head_minus_method"]["diff"], abs=1e-12), name
-            fold_diffs = [auroc(correct[fold == k], head[fold == k]) - auroc(correct[fold == k], confidence[fold == k])
-                          for k in range(crossfit["folds"])]
-            assert np.mean(fold_diffs) == pytest.approx(method["head_minus_method_fold_mean"]["diff"], abs=1e-12), name
+            assert "head_minus_method_fold_mean" in method, name
+            for key, compared in (("head_minus_method_fold_mean", "doubter_head"),
+                                  ("ensemble_minus_method_fold_mean", "doubter_head_ensemble")):
+                if key in method:
+                    ours = np.asarray(crossfit["methods"][compared]["confidence"])
+                    fold_diffs = [auroc(correct[fold == k], ours[fold == k])
+                                  - auroc(correct[fold == k], confidence[fold == k]) for k in range(crossfit["folds"])]
+                    assert np.mean(fold_diffs) == pytest.approx(method[key]["diff"], abs=1e-12), (name, key)
 
 
 PARITIES = sorted(RESULTS.rglob("llama_cpp_parity*.json"))
