@@ -15,8 +15,9 @@ questions resampled within folds: the headline, since each fold's scores come fr
 log-odds are on another scale in each fold) and over all questions at once (pooled AUROC with a 95% interval and
 paired bootstrap differences). A fold's scores are saved as it finishes
 (`<json stem>.folds/`), so an interrupted run resumes, and `--only K,L` scores just those folds (processes on
-different folds run side by side; a last run without it writes the summary). `--json X.json` also writes the table X.md; the JSON stores
-every question's correctness, fold and every method's confidence, so each AUROC can be recomputed from it.
+different folds run side by side; a last run without it writes the summary). `--json X.json` also writes the table
+X.md; the JSON stores every question's correctness, fold and every method's confidence, so each AUROC can be
+recomputed from it.
 No base model runs: about 15 minutes per fold of 8,000 TriviaQA questions on 2 CPU cores.
 """
 
@@ -142,19 +143,21 @@ def main() -> None:
     for fold, (train_index, test_index) in enumerate(tqdm(list(splitter.split(rows, correct)), desc="folds")):
         folds[test_index] = fold
         path = fold_dir / f"fold-{fold}.json"
-        if (only is None or fold in only) and not path.exists():
+        if only is not None and fold not in only:
+            continue
+        if not path.exists():
             scored = score_fold(config, rows, train_index, test_index, args.seed, args.epochs)
             path.write_text(json.dumps({"test_index": test_index.tolist(), **scored}))
-        for extra in ensemble_seeds if only is None or fold in only else ():
-            scored = json.loads(path.read_text())
-            if f"head_log_odds_seed{extra}" not in scored:
-                log_odds, _ = head_log_odds(config, rows, train_index, test_index, extra, args.epochs)
-                path.write_text(json.dumps({**scored, f"head_log_odds_seed{extra}": log_odds.tolist()}))
-        if only is not None:
-            continue
         scored = json.loads(path.read_text())
         if scored["test_index"] != test_index.tolist():
             raise SystemExit(f"{path} was written for other folds: delete {fold_dir} to start again.")
+        for extra in ensemble_seeds:
+            if f"head_log_odds_seed{extra}" not in scored:  # saved seed by seed, so an interruption loses one fit
+                log_odds, _ = head_log_odds(config, rows, train_index, test_index, extra, args.epochs)
+                scored[f"head_log_odds_seed{extra}"] = log_odds.tolist()
+                path.write_text(json.dumps(scored))
+        if only is not None:
+            continue
         for name, values in scored.items():
             if name not in ("test_index", "head_epoch") and not name.startswith("head_log_odds_seed"):
                 scores.setdefault(name, np.full(len(rows), np.nan))[test_index] = values
@@ -182,7 +185,8 @@ def main() -> None:
                 methods[name]["ensemble_minus_method_fold_mean"] = stratified_paired_bootstrap_diff(
                     auroc, correct, scores[ENSEMBLE], confidence, folds)
     results = {"run_dir": str(args.run_dir), "n": len(rows), "folds": args.folds, "seed": args.seed,
-               "epochs": args.epochs, "ensemble_seeds": ensemble_seeds, "base_accuracy": float(correct.mean()), "correct": correct.tolist(),
+               "epochs": args.epochs, "ensemble_seeds": ensemble_seeds, "base_accuracy": float(correct.mean()),
+               "correct": correct.tolist(),
                "fold": folds.tolist(), "methods": methods}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

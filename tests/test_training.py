@@ -485,6 +485,7 @@ def test_head_confidence_trains_scores_from_pass_one_and_exports(workspace, tmp_
     from peft_doubter.deploy.sidecar import read_sidecar
 
     weights, meta = read_sidecar(stages.export_run(run_dir))  # the sidecar holds the head: llama.cpp scores it too
-    exported = [numpy_reference.head_log_odds(weights, numpy_reference.encode(weights, meta, np.asarray(row["features"])))
+    exported = [numpy_reference.head_log_odds(weights, numpy_reference.encode(weights, meta,
+                                                                              np.asarray(row["features"])))
                 for row in rows]
     assert meta["confidence"] == "head" and exported == pytest.approx(direct, abs=1e-4)

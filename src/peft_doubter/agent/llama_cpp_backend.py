@@ -1,7 +1,7 @@
 """The agent's model on llama.cpp: `llama-doubter --jsonl` drafts each answer and computes the Doubter's decision
-(or head) confidence with it, with no PyTorch compute. Prompts are built exactly as PyTorch builds them (the run's prompt
-format and exemplars, through the base's tokenizer), so the thresholds a run certified apply; on a quantized GGUF
-the confidence differs from PyTorch's by the quantization's effect on the logits."""
+(or head) confidence with it, with no PyTorch compute. Prompts are built exactly as PyTorch builds them (the run's
+prompt format and exemplars, through the base's tokenizer), so the thresholds a run certified apply; on a quantized
+GGUF the confidence differs from PyTorch's by the quantization's effect on the logits."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from ..names import TOOL_CONFIDENCES
 
 
 class LlamaCppBackend:
-    """A run's Doubter on llama.cpp. Rows carry `doubter_confidence`, the decision confidence the tool computed at
-    the end of the prompt (or the head's, from pass 1 alone) (`ToolConfidenceScorer` reads it); the tool gives no token log-probabilities and cannot
-    score an answer other than the base's own draft."""
+    """A run's Doubter on llama.cpp. Rows carry `doubter_confidence`, the confidence the tool computed with the draft
+    (the decision's at the end of the prompt, or the head's from pass 1 alone; `ToolConfidenceScorer` reads it); the
+    tool gives no token log-probabilities and cannot score an answer other than the base's own draft."""
 
     name = "llama.cpp"
     token_logprobs = False
@@ -76,7 +76,8 @@ class LlamaCppBackend:
 
 
 class ToolConfidenceScorer:
-    """The Doubter's decision confidence as llama.cpp computed it with the draft (rows of `LlamaCppBackend`)."""
+    """The Doubter's confidence (decision or head) as llama.cpp computed it with the draft (rows of
+    `LlamaCppBackend`)."""
 
     name = "doubter"
 

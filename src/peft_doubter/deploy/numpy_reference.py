@@ -113,7 +113,8 @@ def encode(weights: Weights, metadata: Mapping[str, Any], features: np.ndarray) 
 def head_log_odds(weights: Weights, tokens: np.ndarray) -> float:
     """`confidence='head'`: the confidence's log-odds from the cognitive tokens (T, H), w . mean(tokens) + b."""
     mean = np.asarray(tokens, dtype=np.float64).mean(0)
-    return float(_w(weights, "encoder.confidence_head.weight")[0] @ mean + _w(weights, "encoder.confidence_head.bias")[0])
+    weight, bias = _w(weights, "encoder.confidence_head.weight")[0], _w(weights, "encoder.confidence_head.bias")[0]
+    return float(weight @ mean + bias)
 
 
 def agc_alpha(metadata: Mapping[str, Any], step: int) -> float:
