@@ -3,7 +3,7 @@
     python benchmarks/doubter_variants.py --from-run RUNS/tqa-v2 --out RUNS/variants [--variants a,b] [--seeds 0,1,2]
 
 Every variant trains on the same train split, selects checkpoints on the same validation split and is tested on the
-same test questions, beside the same baselines (`peft-doubter eval --generate-text false`: ranking and risk control,
+same test questions, beside the same baselines (`peft-doubter eval --text-behaviour none`: ranking and risk control,
 no text generation). A variant is: where pass 1 reads (the prompt's last token or the answer's), the encoder, which
 confidence is evaluated (`ratio`: P(answer) vs P(refusal); `decision`: the refusal's probability at the first answer
 position; `head`: a linear unit on the encoder's cognitive tokens, no pass 2) and whether that confidence is trained
@@ -95,7 +95,7 @@ def run_variant(source: Path, out: Path, name: str, seed: int, epochs: float) ->
                   doubter)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if not (run_dir / EVAL_DIR / REPORT_JSON).exists():
-        eval_run(run_dir, EvalConfig(generate_text=False))
+        eval_run(run_dir, EvalConfig(text_behaviour="none"))
     return run_dir
 
 

@@ -20,9 +20,9 @@ peft-doubter eval --run-dir "$RUNS/sciq"
 #    trivia). NQ-open was the first choice, but Gemma-3-270M answers ~1% of it right: no ranking to measure.
 peft-doubter collect --run-dir "$RUNS/sciq-open" --dataset sciq_open --limit none --k-shot 2 --target-layers late
 peft-doubter eval --run-dir "$RUNS/triviaqa" --questions-from "$RUNS/sciq-open" --eval-split all \
-  --output-name eval-sciq-open --generate-text false
+  --output-name eval-sciq-open --text-behaviour none
 # 4. The same TriviaQA questions read at the end of the base's own answer (read_position='answer'): features
 #    recomputed from the collected answers, the first 1,500 training questions, the same 1,007 test questions.
 python benchmarks/reread_answers.py --from-run "$RUNS/triviaqa" --run-dir "$RUNS/triviaqa-answer" --max-train 1500
 peft-doubter train --run-dir "$RUNS/triviaqa-answer" --num-train-epochs 1
-peft-doubter eval --run-dir "$RUNS/triviaqa-answer" --generate-text false
+peft-doubter eval --run-dir "$RUNS/triviaqa-answer" --text-behaviour none

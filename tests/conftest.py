@@ -34,7 +34,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
     space = tiny_run.make_workspace(tmp_path_factory.mktemp("trained"))
     stages.train_run(space["run"], {"num_train_epochs": 1, "probe_epochs": 1, "per_device_train_batch_size": 8})
-    stages.eval_run(space["run"], EvalConfig(generate_text=False, n_resamples=20))
+    stages.eval_run(space["run"], EvalConfig(text_behaviour="none", n_resamples=20))
     cache = load_cache(space["run"] / "cache")
     corpus = space["root"] / "corpus.jsonl"
     with open(corpus, "w") as handle:

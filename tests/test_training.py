@@ -17,11 +17,13 @@ from peft import get_peft_model
 
 from peft_doubter import DoubterConfig, cli
 from peft_doubter.data.collection import CollectConfig, load_cache
-from peft_doubter.data.prompts import PromptConfig
+from peft_doubter.data.prompts import LETTERS, PromptConfig
 from peft_doubter.data.sequences import tokenize_example
 from peft_doubter.evaluation.confidence import doubter_log_odds, sigmoid
 from peft_doubter.evaluation.metrics import auroc
+from peft_doubter.evaluation.protocol import EvalConfig
 from peft_doubter.evaluation.report import EvaluationReport
+from peft_doubter.names import CHECKPOINTS_DIR, PREFIX_STATES_DIR
 from peft_doubter.runs import stages
 from peft_doubter.runs.ask import ask
 from peft_doubter.runs.manifest import read_manifest
@@ -121,8 +123,6 @@ def test_answer_read_position_caches_what_generation_reads(workspace, tmp_path):
     assert (run_dir / "run.json").read_text() == manifest, "a refused collection leaves the manifest alone"
     with pytest.raises(ValueError, match="fixed at collection"):
         stages.train_run(run_dir, {}, {"read_position": "prompt"})
-    from peft_doubter.evaluation.protocol import EvalConfig
-
     with pytest.raises(ValueError, match="different read_position"):  # cross-domain questions read elsewhere
         stages._eval_questions(run_dir, read_manifest(run_dir), EvalConfig(questions_from=str(workspace["run"])))
 
@@ -251,7 +251,7 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
         again = stored.recomputed(name)
         for key in ("auroc", "aurc", "sel_acc@20", "sel_acc@50", "ece", "brier"):
             assert again[key] == pytest.approx(reported[key], abs=1e-12, nan_ok=True), (name, key)
-    assert cli.main(["eval", "--run-dir", str(run_dir), "--generate-text", "false", "--n-resamples", "20"]) == 0
+    assert cli.main(["eval", "--run-dir", str(run_dir), "--text-behaviour", "none", "--n-resamples", "20"]) == 0
     ranking = json.loads((run_dir / "eval" / "report.json").read_text())
     assert "examples" not in ranking["meta"] and "doubter" in capsys.readouterr().out
     assert set(ranking["methods"]) == set(report["methods"])
@@ -369,8 +369,6 @@ def test_a_read_only_run_directory_is_refused_before_any_work(workspace, tmp_pat
 
     monkeypatch.setattr(stages, "load_run_model", no_work)
     monkeypatch.setattr(peft_doubter.paths.os, "access", lambda path, mode: not str(path).startswith(str(run_dir)))
-    from peft_doubter.evaluation.protocol import EvalConfig
-
     with pytest.raises(PermissionError, match="is not writable: nothing was computed"):
         stages.eval_run(run_dir, EvalConfig())
     with pytest.raises(PermissionError, match="is not writable"):
@@ -447,6 +445,44 @@ def test_fitted_confidence_head_is_frozen_through_the_lm_stage(workspace, tmp_pa
     refusal = model.peft_config[model.active_adapter].refusal_text
     scores = doubter_log_odds(model, tokenizer, val, refusal, "letter", False, 4)
     assert auroc([row["correct"] for row in val], scores) == pytest.approx(fit.val_auroc, abs=1e-9)
+
+
+def test_head_only_doubter_fits_the_head_and_writes_the_thresholded_answer(workspace, tmp_path):
+    """`train_injection=False`: training ends after the head's fit (no LM step, no checkpoint, no lower-layer cache;
+    the injection keeps its identity start). Its evaluation reports the thresholded text, which is the base's own
+    answer exactly where the confidence reaches the calibrated threshold; two-pass text is refused for it."""
+    with pytest.raises(ValueError, match="set `fit_confidence_head=True`"):
+        DoubterSFTConfig(output_dir=str(tmp_path / "x"), train_injection=False)
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    args = {"fit_confidence_head": True, "train_injection": False, "head_epochs": 3}
+    trainer = stages.train_run(run_dir, args, {"confidence": "head"})
+    assert trainer.state.global_step == 0 and not list((run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"))
+    assert not (run_dir / PREFIX_STATES_DIR).exists()
+    train = read_manifest(run_dir)["train"]
+    assert train["metrics"]["head_fit_val_auroc"] == trainer.head_fit.val_auroc
+    assert train["log_history"][0]["head_fit_epoch"] == trainer.head_fit.epoch
+    model, _, _ = stages.load_run_model(run_dir)
+    up = [p for n, p in model.named_parameters() if "doubter_ca" in n and "up_proj" in n]
+    assert up and all(float(p.abs().max()) == 0.0 for p in up), "the injection keeps its identity start (up = 0)"
+
+    with pytest.raises(ValueError, match="--text-behaviour thresholded"):
+        stages.eval_run(run_dir, EvalConfig(n_resamples=20))
+    report = stages.eval_run(run_dir, EvalConfig(n_resamples=20, text_behaviour="thresholded"))
+    threshold = read_manifest(run_dir)["evaluations"]["eval"]["threshold"]
+    confidence = np.asarray(report.scores["doubter"]["confidence"])
+    test = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"]
+    answered = [a == "answered" for a in report.scores["doubter"]["action"]]
+    assert answered == (confidence >= threshold).tolist()
+    written = report.meta["written"]
+    assert [w["text"] for w, a, row in zip(written, answered, test) if a] == [
+        row["pass1_answer"] if not row["choices"] else LETTERS[row["pass1_choice"]]
+        for a, row in zip(answered, test) if a]
+    assert all(w["text"] == model.peft_config["default"].refusal_text for w, a in zip(written, answered) if not a)
+    assert report.scores["doubter"]["written_correct"] == [a and bool(row["correct"]) for a, row in zip(answered, test)]
+    behaviour = report.text_behaviour["doubter"]
+    assert behaviour["coverage"] == pytest.approx(report.risk_control[0]["test"]["coverage"])
+    assert "What the thresholded Doubter wrote" in report.to_markdown()
 
 
 def test_head_confidence_trains_scores_from_pass_one_and_exports(workspace, tmp_path):

@@ -39,4 +39,8 @@ AGENT_ACTIONS = ("answer", "lookup_answer", "decline")
 AGENT_MODES = ("confidence", "text")  # gate on a scorer's confidence, or on whether pass 2 wrote the refusal
 AGENT_SCORERS = ("doubter", "min_token", "probe", "random")
 SERVE_BACKENDS = ("pytorch", "llama.cpp")
+# what an evaluation reports as the text written: greedy two-pass generation, the thresholded answer (the base's
+# own answer at or above the calibrated threshold, else the refusal: what `ask --threshold calibrated` and the
+# server write), or nothing
+TEXT_BEHAVIOURS = ("two-pass", "thresholded", "none")
 CORPORA = ("sciq-support", "boolq", "sciq-support+boolq")  # lookup corpora that install with the benchmark data

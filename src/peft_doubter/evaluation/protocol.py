@@ -13,9 +13,9 @@ import numpy as np
 
 from ..data.prompts import gold_answer
 from ..data.scoring import Judge
-from ..names import EVAL_DIR
+from ..names import EVAL_DIR, TEXT_BEHAVIOURS
 from .baselines import answer_probability_scores, answer_token_summary, baseline_confidences, random_confidence
-from .confidence import doubter_log_odds, generate_actions, pass_one_features, sigmoid
+from .confidence import doubter_log_odds, generate_actions, pass1_answer_text, pass_one_features, sigmoid
 from .metrics import auroc
 from .report import EvaluationReport
 from .risk_control import calibrate, realized
@@ -51,10 +51,20 @@ class EvalConfig:
     )
     n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
     eval_batch_size: int = field(default=8, metadata={"help": "Questions per evaluation batch."})
-    generate_text: bool = field(default=True, metadata={"help": "Also generate text to report the text behaviour."})
+    text_behaviour: str = field(
+        default="two-pass",
+        metadata={"help": f"The text written, reported beside the ranking: one of {TEXT_BEHAVIOURS}. 'two-pass' "
+                  "generates greedily with the adapter; 'thresholded' is what `ask --threshold calibrated` and the "
+                  "server write (the base's own answer where the confidence reaches the calibrated threshold, "
+                  "else the refusal; no generation); 'none' reports the ranking only."},
+    )
     max_answer_tokens: int = field(default=24, metadata={"help": "Longest generated answer in evaluation."})
     max_questions: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the random baseline and the bootstrap."})
+
+    def __post_init__(self) -> None:
+        if self.text_behaviour not in TEXT_BEHAVIOURS:
+            raise ValueError(f"`text_behaviour` must be one of {TEXT_BEHAVIOURS}, got {self.text_behaviour!r}.")
 
 
 def _hidden(rows: Sequence[dict]) -> np.ndarray:
@@ -84,23 +94,44 @@ def _examples(test: Sequence[dict], texts: Sequence[str], actions: Sequence[str]
              "log_odds": float(log_odds[i])} for i in chosen]
 
 
+def thresholded_text(rows: Sequence[dict], confidence: np.ndarray, threshold: float, refusal: str,
+                     mc_format: str) -> tuple[list[str], list[bool], list[bool], list[str]]:
+    """What the thresholded Doubter writes for cached questions (as `generate_actions` reports it): the base's own
+    pass-1 answer where `confidence >= threshold`, judged when it was collected, else the refusal."""
+    answered = [bool(c >= threshold) for c in confidence]
+    actions = ["answered" if a else "declined" for a in answered]
+    right = [a and bool(row["correct"]) for a, row in zip(answered, rows)]
+    texts = [pass1_answer_text(row, mc_format) if a else refusal for a, row in zip(answered, rows)]
+    return actions, right, [False] * len(rows), texts
+
+
 def evaluate_doubter(model, tokenizer, train: Sequence[dict], val: Sequence[dict], test: Sequence[dict],
                      config: EvalConfig, *, mc_format: str, chat: bool, judge: Optional[Judge], title: str,
                      meta: dict[str, Any]) -> EvaluationReport:
     """Score the cached `test` questions with the Doubter and every baseline (probes fit on `train`), calibrate the
-    decline threshold on `val`, and return the report. `judge` judges generated answers (needed when
-    `config.generate_text`). The Doubter is ranked by its log-odds; thresholds are on its confidence in [0, 1]."""
+    decline threshold on `val`, and return the report. `judge` judges generated answers (needed for
+    `config.text_behaviour='two-pass'`). The Doubter is ranked by its log-odds; thresholds are on its confidence in
+    [0, 1]."""
     refusal = model.peft_config[model.active_adapter].refusal_text
     correct = np.array([row["correct"] for row in test], dtype=bool)
     log_odds = doubter_log_odds(model, tokenizer, test, refusal, mc_format, chat, config.eval_batch_size)
     confidence = sigmoid(log_odds)
+    val_confidence = sigmoid(doubter_log_odds(model, tokenizer, val, refusal, mc_format, chat,
+                                              config.eval_batch_size))
+    val_correct = np.array([row["correct"] for row in val], dtype=bool)
+    target = config.target_risk if config.target_risk is not None else (1 - val_correct.mean()) / 2
+    result = calibrate(target, val_confidence, val_correct, delta=config.delta)
     report = EvaluationReport(title=title)
     report.meta = {**meta, "n": len(test), "train_questions": len(train), "eval_config": dataclasses.asdict(config),
                    "confidence": model.peft_config[model.active_adapter].confidence}
     action_kwargs: dict[str, Any] = {}
-    if config.generate_text:
-        actions, right, changed, texts = generate_actions(model, tokenizer, test, config.eval_batch_size,
-                                                          config.max_answer_tokens, refusal, judge, chat, mc_format)
+    if config.text_behaviour != "none":
+        if config.text_behaviour == "two-pass":
+            actions, right, changed, texts = generate_actions(model, tokenizer, test, config.eval_batch_size,
+                                                              config.max_answer_tokens, refusal, judge, chat,
+                                                              mc_format)
+        else:
+            actions, right, changed, texts = thresholded_text(test, confidence, result.threshold, refusal, mc_format)
         action_kwargs = {"action": actions, "written_correct": right, "answered_same": [not c for c in changed]}
         report.meta["written"] = [{"action": a, "text": t, "right": r} for a, t, r in zip(actions, texts, right)]
         report.meta["examples"] = _examples(test, texts, actions, right, log_odds, mc_format, config.bootstrap_seed)
@@ -119,11 +150,6 @@ def evaluate_doubter(model, tokenizer, train: Sequence[dict], val: Sequence[dict
     for name, scores in baselines.items():
         report.add_method(name, correct, scores, n_resamples=config.n_resamples, seed=config.bootstrap_seed)
 
-    val_confidence = sigmoid(doubter_log_odds(model, tokenizer, val, refusal, mc_format, chat,
-                                              config.eval_batch_size))
-    val_correct = np.array([row["correct"] for row in val], dtype=bool)
-    target = config.target_risk if config.target_risk is not None else (1 - val_correct.mean()) / 2
-    result = calibrate(target, val_confidence, val_correct, delta=config.delta)
     report.add_risk_control(DOUBTER, result, realized(result.threshold, confidence, correct))
     if config.risk_sweep:
         for sweep_target in np.arange(0.05, 1 - val_correct.mean(), 0.05).round(2):

@@ -128,7 +128,7 @@ class EvaluationReport:
         if self.methods:
             lines += _ranking_table(self.methods)
         if self.text_behaviour:
-            lines += _text_table(self.text_behaviour)
+            lines += _text_table(self.text_behaviour, self.meta.get("eval_config", {}).get("text_behaviour"))
         if self.risk_control:
             lines += _risk_control_table(self.risk_control)
         if self.meta.get("paired_auroc_vs_baselines"):
@@ -174,7 +174,15 @@ def _ranking_table(methods: Mapping[str, Mapping[str, float | None]]) -> list[st
     return ["## Ranking and calibration", "", *_table(header, rows), *notes]
 
 
-def _text_table(behaviour: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+WRITTEN_BY = {
+    "thresholded": ("What the thresholded Doubter wrote (as `ask --threshold calibrated` and the server write): the "
+                    "base's own pass-1 answer where the confidence reaches the calibrated threshold, judged on its "
+                    "text when it was collected, else the refusal."),
+    "two-pass": "What greedy two-pass generation wrote, each answer judged on its own text (never by the pass-1 oracle).",
+}
+
+
+def _text_table(behaviour: Mapping[str, Mapping[str, float | None]], mode: str | None) -> list[str]:
     header = [
         "Method", "Coverage", "Refusal rate", "Refusal precision [CI]", "Random level", "Over-refusal",
         "Right answers declined", "Answered differently (right)", "Sel. acc. of answered [CI]", "Written accuracy",
@@ -191,8 +199,7 @@ def _text_table(behaviour: Mapping[str, Mapping[str, float | None]]) -> list[str
         for name, b in behaviour.items()
     ]
     notes = [
-        ("What greedy two-pass generation wrote, each answer judged on its own text (never by the pass-1 oracle). "
-         "Coverage: share not declined. Refusal precision: declines of questions the base got wrong / declines; "
+        (WRITTEN_BY[mode or "two-pass"] + " Coverage: share not declined. Refusal precision: declines of questions the base got wrong / declines; "
          "random level: 1 - base accuracy. Over-refusal: declines of questions the base got right / declines "
          "(= 1 - refusal precision). Right answers declined: declines of questions the base got right / questions "
          "the base got right. Answered differently: written answers other than the base's pass-1 answer (how many "

@@ -197,7 +197,7 @@ def _train(run_dir: Path, manifest: dict[str, Any], training_args: DoubterSFTCon
     config = model.peft_config["default"]
     rows = build_training_set(cache, tokenizer, config, prompt.mc_format, prompt.style == "chat",
                               seed=manifest["collect"]["sample_seed"])
-    if training_args.train_from_cache:
+    if training_args.train_from_cache and training_args.train_injection:  # a head-only fit runs no pass 2
         with training_args.main_process_first(desc="caching lower-layer states"):  # other processes then read it
             rows = attach_prefix_states(model, rows, run_dir / PREFIX_STATES_DIR)
     split = cache["split"]
@@ -297,7 +297,10 @@ def _evaluate(run_dir: Path, config: EvalConfig, model, tokenizer) -> Evaluation
     prompt = PromptConfig(**test_manifest["prompt"])
     title = (f"Doubter evaluation: {manifest['collect']['model']} trained on {manifest['collect']['dataset']}, "
              f"tested on {test_manifest['collect']['dataset']} ({config.eval_split})")
-    judge = make_judge(test_manifest["collect"]["judge"]) if config.generate_text else None
+    if config.text_behaviour == "two-pass" and not manifest.get("train", {}).get("args", {}).get("train_injection", True):
+        raise ValueError(f"{run_dir}'s injection was not trained (train_injection=False): its two-pass text is the "
+                         "base's own. Evaluate it with --text-behaviour thresholded (what it writes) or none.")
+    judge = make_judge(test_manifest["collect"]["judge"]) if config.text_behaviour == "two-pass" else None
     report = evaluate_doubter(model, tokenizer, train, val, test, config, mc_format=prompt.mc_format,
                               chat=prompt.style == "chat", judge=judge, title=title,
                               meta={"run_dir": str(run_dir), "questions_from": config.questions_from,

@@ -43,6 +43,13 @@ class DoubterSFTConfig(SFTConfig):
                           "pre-training), then freeze them, so the LM stage trains the injection only, without the "
                           "confidence loss, and checkpoints on eval loss (an `auroc` metric is changed to `loss`)."},
     )
+    train_injection: bool = field(
+        default=True,
+        metadata={"help": "After `fit_confidence_head`: train the injection with the two-pass loss (the LM stage). "
+                          "False stops after the head's fit (seconds): the injection keeps its identity start, so "
+                          "pass 2 writes what the base writes, and the Doubter is used thresholded (the base's own "
+                          "answer where the head's confidence reaches the threshold, else the refusal)."},
+    )
     head_epochs: int = field(default=8, metadata={"help": "Epochs of `fit_confidence_head`."})
     head_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of `fit_confidence_head`."})
     early_stopping_patience: Optional[int] = field(
@@ -102,5 +109,8 @@ class DoubterSFTConfig(SFTConfig):
             raise ValueError(f"`probe_epochs` must be >= 0, got {self.probe_epochs}.")
         if self.head_epochs < 1:
             raise ValueError(f"`head_epochs` must be >= 1, got {self.head_epochs}.")
+        if not self.train_injection and not self.fit_confidence_head:
+            raise ValueError("`train_injection=False` leaves only the confidence head to train: set "
+                             "`fit_confidence_head=True` (with confidence='head').")
         if self.fit_confidence_head and self.metric_for_best_model in ("auroc", "eval_auroc"):
             self.metric_for_best_model, self.greater_is_better = "loss", False  # the frozen head's AUROC is constant

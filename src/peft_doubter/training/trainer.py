@@ -9,7 +9,8 @@ and memory. Rows carrying pass 1's cached reading (`pass1_features`) run pass 2 
 states entering the first inject layer (`prefix_hidden`) start pass 2 there. Checkpoints are chosen on validation
 AUROC of the decision confidence. Gates and token preferences learn `gate_lr_multiplier` times faster. With
 `fit_confidence_head` (confidence='head') the encoder and head are fit on the confidence alone first
-(`fit_confidence_head`, from the cached readings) and frozen, and the two-pass loss trains the injection only.
+(`fit_confidence_head`, from the cached readings) and frozen, and the two-pass loss trains the injection only
+(or nothing more, with `train_injection=False`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, EvalPrediction, TrainerCallback
+from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 
 from ..data.sequences import align_prompts, cached_reading, target_columns
@@ -143,6 +145,10 @@ class HeadFit:
     val_auroc: float
     val_aurocs: list[float]
 
+    def log_entry(self) -> dict[str, Any]:
+        return {"head_fit_epoch": self.epoch, "head_fit_val_auroc": self.val_auroc,
+                "head_fit_val_aurocs": self.val_aurocs}
+
 
 def fit_confidence_head(
     encoder: nn.Module,
@@ -206,9 +212,7 @@ class HeadFitLog(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer.head_fit is not None:
-            fit = self.trainer.head_fit
-            state.log_history.append({"head_fit_epoch": fit.epoch, "head_fit_val_auroc": fit.val_auroc,
-                                      "head_fit_val_aurocs": fit.val_aurocs, "step": 0})
+            state.log_history.append({**self.trainer.head_fit.log_entry(), "step": 0})
 
 
 class DoubterTrainer(SFTTrainer):
@@ -334,11 +338,16 @@ class DoubterTrainer(SFTTrainer):
 
     def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
         """Probe pre-training or the confidence head's fit first (skipped when resuming: the checkpoint holds their
-        result); with `fit_confidence_head` the encoder and head are then frozen."""
+        result); with `fit_confidence_head` the encoder and head are then frozen, and with `train_injection=False`
+        training ends there (no step, no checkpoint: the fit is in `state.log_history` and the metrics)."""
         if self.args.fit_confidence_head:
             if not resume_from_checkpoint:
                 self.fit_confidence_head()
             self.doubter_encoder.requires_grad_(False)
+            if not self.args.train_injection:
+                fit = self.fit_confidence_head() if self.head_fit is None else self.head_fit
+                self.state.log_history.append({**fit.log_entry(), "step": 0})
+                return TrainOutput(global_step=0, training_loss=0.0, metrics=fit.log_entry())
         elif self.args.pretrain_projectors and not resume_from_checkpoint:
             self.pretrain_projectors()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
