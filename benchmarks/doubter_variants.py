@@ -8,7 +8,8 @@ no text generation). A variant is: where pass 1 reads (the prompt's last token o
 confidence is evaluated (`ratio`: P(answer) vs P(refusal); `decision`: the refusal's probability at the first answer
 position; `head`: a linear unit on the encoder's cognitive tokens, no pass 2) and whether that confidence is trained
 directly (BCE + pairwise ranking) or only through the LM loss; `-fit` variants fit the encoder and head on the
-confidence first and freeze them for the LM stage (`fit_confidence_head`).
+confidence first and freeze them for the LM stage (`fit_confidence_head`); `-only` stops there
+(`train_injection=False`: seconds, no LM stage).
 All variants share the collected cache and one cache of lower-layer states (the sequences are the same). Each stage
 resumes: a finished adapter or report is kept. The summary (`variants.json`, `variants.md`) has each variant's
 AUROC with its interval and its paired difference against every baseline.
@@ -53,6 +54,8 @@ VARIANTS = {  # name -> (reads, Doubter settings, training settings)
     "prompt-selective-head-bce": ("prompt", {"encoder_type": "selective", "confidence": "head"}, {}),
     "answer-attentive-head-fit": ("answer", {"encoder_type": "attentive", "confidence": "head"},
                                   {"fit_confidence_head": True}),
+    "answer-attentive-head-only": ("answer", {"encoder_type": "attentive", "confidence": "head"},
+                                   {"fit_confidence_head": True, "train_injection": False}),
 }
 
 

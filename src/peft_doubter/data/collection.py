@@ -76,7 +76,7 @@ class CollectConfig:
     val_fraction: float = field(default=0.1, metadata={"help": "Share of questions for validation."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of questions held out for the test."})
     max_new_tokens: int = field(default=16, metadata={"help": "Longest greedy open answer (cut at a newline)."})
-    batch_size: int = field(default=32, metadata={"help": "Questions per batch (decoded together; finished rows leave)."})
+    batch_size: int = field(default=64, metadata={"help": "Questions per batch (decoded together; finished rows leave)."})
     shard_size: int = field(default=256, metadata={"help": "Questions per cache shard (the unit of resumption)."})
     judge: str = field(
         default="exact_match",

@@ -96,15 +96,17 @@ class LogisticProbe:
     """Logistic regression on standardized features predicting pass-1 correctness.
 
     The inverse regularization ``C`` is chosen from ``Cs`` by stratified k-fold cross-validation (log loss) on
-    the training data given to :meth:`fit` only; the scaler is refit inside each fold.
+    the training data given to :meth:`fit` only; the scaler is refit inside each fold. ``n_jobs`` fits the folds in
+    that many processes (joblib's convention: -1 is every core).
     """
 
     def __init__(self, Cs: Sequence[float] = tuple(np.logspace(-4, 2, 7)), n_splits: int = 5, seed: int = 0,
-                 max_iter: int = 2000) -> None:
+                 max_iter: int = 2000, n_jobs: int | None = None) -> None:
         self.Cs = tuple(Cs)
         self.n_splits = n_splits
         self.seed = seed
         self.max_iter = max_iter
+        self.n_jobs = n_jobs
         self._search: GridSearchCV | None = None
 
     def fit(self, X: ArrayLike, y: ArrayLike) -> LogisticProbe:
@@ -119,6 +121,7 @@ class LogisticProbe:
             {"logisticregression__C": list(self.Cs)},
             scoring="neg_log_loss",
             cv=StratifiedKFold(min(self.n_splits, minority), shuffle=True, random_state=self.seed),
+            n_jobs=self.n_jobs,
         )
         self._search.fit(X, y)
         return self
@@ -182,6 +185,7 @@ def baseline_confidences(
     seed: int = 0,
     extra_train: ArrayLike | None = None,
     extra_test: ArrayLike | None = None,
+    n_jobs: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Every baseline's confidence on the same test questions.
 
@@ -189,7 +193,8 @@ def baseline_confidences(
     ``probe`` (:class:`LogisticProbe` on the hidden states); ``probe+answer_prob`` (the probe on the hidden states
     concatenated with :func:`answer_feature_matrix`); with ``extra_*`` features (e.g. :func:`answer_token_summary`,
     what an answer-reading Doubter sees beyond the read position), the stacked baselines ``stacked_lr`` and
-    ``stacked_gbm`` on the union of all of them. Everything is fit on the train split only.
+    ``stacked_gbm`` on the union of all of them. Everything is fit on the train split only; the probes'
+    cross-validation runs in ``n_jobs`` processes.
     """
     hidden_train = np.asarray(hidden_train, dtype=np.float64)
     hidden_test = np.asarray(hidden_test, dtype=np.float64)
@@ -201,15 +206,15 @@ def baseline_confidences(
 
     out = {"random": random_confidence(len(test_features), seed)}
     out.update(answer_probability_scores(test_features))
-    out["probe"] = LogisticProbe(seed=seed).fit(hidden_train, train_correct).predict_proba(hidden_test)
+    out["probe"] = LogisticProbe(seed=seed, n_jobs=n_jobs).fit(hidden_train, train_correct).predict_proba(hidden_test)
     names = sorted(_signals(test_features))
     if names:
         x_train = np.hstack([hidden_train, answer_feature_matrix(train_features, names)])
         x_test = np.hstack([hidden_test, answer_feature_matrix(test_features, names)])
-        out["probe+answer_prob"] = LogisticProbe(seed=seed).fit(x_train, train_correct).predict_proba(x_test)
+        out["probe+answer_prob"] = LogisticProbe(seed=seed, n_jobs=n_jobs).fit(x_train, train_correct).predict_proba(x_test)
         if extra_train is not None and extra_test is not None:
             x_train = np.hstack([x_train, np.asarray(extra_train, dtype=np.float64)])
             x_test = np.hstack([x_test, np.asarray(extra_test, dtype=np.float64)])
-            out["stacked_lr"] = LogisticProbe(seed=seed).fit(x_train, train_correct).predict_proba(x_test)
+            out["stacked_lr"] = LogisticProbe(seed=seed, n_jobs=n_jobs).fit(x_train, train_correct).predict_proba(x_test)
             out["stacked_gbm"] = StackedGBM(seed=seed).fit(x_train, train_correct).predict_proba(x_test)
     return out

@@ -61,6 +61,9 @@ class EvalConfig:
     max_answer_tokens: int = field(default=24, metadata={"help": "Longest generated answer in evaluation."})
     max_questions: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the random baseline and the bootstrap."})
+    n_jobs: Optional[int] = field(
+        default=-1, metadata={"help": "Processes for the probes' cross-validation (-1: every core; none: one)."}
+    )
 
     def __post_init__(self) -> None:
         if self.text_behaviour not in TEXT_BEHAVIOURS:
@@ -142,7 +145,8 @@ def evaluate_doubter(model, tokenizer, train: Sequence[dict], val: Sequence[dict
         baselines = baseline_confidences(pass_one_features(train), [r["correct"] for r in train],
                                          pass_one_features(test), _hidden(train), _hidden(test),
                                          seed=config.bootstrap_seed, extra_train=summary_train,
-                                         extra_test=summary_test if summary_train is not None else None)
+                                         extra_test=summary_test if summary_train is not None else None,
+                                         n_jobs=config.n_jobs)
     except ValueError as error:  # e.g. a train split with one class: no probe can be fit
         report.meta["skipped_baselines"] = str(error)
         baselines = {"random": random_confidence(len(test), seed=config.bootstrap_seed),
