@@ -36,6 +36,13 @@ def test_committed_report_recomputes_from_its_stored_scores(path):
         for key, value in reported.items():  # JSON writes an undefined proportion (no corrections: 0/0) as null
             expected = math.nan if value is None else value
             assert again[key] == pytest.approx(expected, abs=1e-9, nan_ok=True), (name, key)
+    if report.meta.get("eval_config", {}).get("text_behaviour") == "thresholded":  # the answer iff at the threshold
+        threshold = report.meta["calibrated"]["threshold"]
+        threshold = math.inf if threshold is None else threshold
+        doubter = report.scores["doubter"]
+        assert doubter["action"] == ["answered" if c >= threshold else "declined" for c in doubter["confidence"]]
+        assert doubter["written_correct"] == [a == "answered" and bool(c)
+                                              for a, c in zip(doubter["action"], report.correct)]
 
 
 ABLATIONS = sorted(RESULTS.rglob("encoder_head.json"))

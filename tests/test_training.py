@@ -14,6 +14,7 @@ import tiny_models
 import tiny_run
 import torch
 from peft import get_peft_model
+from safetensors.torch import load_file
 
 from peft_doubter import DoubterConfig, cli
 from peft_doubter.data.collection import CollectConfig, load_cache
@@ -255,6 +256,8 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
     ranking = json.loads((run_dir / "eval" / "report.json").read_text())
     assert "examples" not in ranking["meta"] and "doubter" in capsys.readouterr().out
     assert set(ranking["methods"]) == set(report["methods"])
+    assert ranking["scores"]["doubter"]["scores"] == pytest.approx(report["scores"]["doubter"]["scores"], abs=1e-5), \
+        "quickstart's in-memory adapter scores as the saved one loaded by `eval`"
     assert cli.main(["ask", "--run-dir", str(run_dir), "w12", "w13"]) == 0
     assert capsys.readouterr().out.strip()
     assert cli.main(["ask", "--run-dir", str(run_dir), "--threshold", "calibrated", "w12", "w13"]) == 0
@@ -465,6 +468,13 @@ def test_head_only_doubter_fits_the_head_and_writes_the_thresholded_answer(works
     model, _, _ = stages.load_run_model(run_dir)
     up = [p for n, p in model.named_parameters() if "doubter_ca" in n and "up_proj" in n]
     assert up and all(float(p.abs().max()) == 0.0 for p in up), "the injection keeps its identity start (up = 0)"
+    again_dir = tmp_path / "again"
+    shutil.copytree(workspace["run"], again_dir)
+    torch.manual_seed(12345)  # whatever the global random state, the seed decides the adapter's start
+    stages.train_run(again_dir, args, {"confidence": "head"})
+    again = load_file(again_dir / "adapter" / "adapter_model.safetensors")
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved), "reproducible"
 
     with pytest.raises(ValueError, match="--text-behaviour thresholded"):
         stages.eval_run(run_dir, EvalConfig(n_resamples=20))

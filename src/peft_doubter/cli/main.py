@@ -159,16 +159,19 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         from ..runs.stages import collect_run
 
         collect_run(run_dir, CollectConfig(**values("collect")), PromptConfig(**values("prompt")), values("doubter"))
+    trainer = None
     if args.command in ("train", "quickstart"):
         from ..runs.stages import train_run
 
-        train_run(run_dir, values("train"), values("doubter"))
+        trainer = train_run(run_dir, values("train"), values("doubter"))
     if args.command in ("eval", "quickstart"):
         from ..evaluation.protocol import EvalConfig
         from ..runs.stages import eval_run
 
         config = EvalConfig(**values("eval"))
-        print(eval_run(run_dir, config).to_markdown())
+        # quickstart evaluates the adapter it just trained and saved, without loading it again
+        model, tokenizer = (trainer.model.eval(), trainer.processing_class) if trainer is not None else (None, None)
+        print(eval_run(run_dir, config, model, tokenizer).to_markdown())
         if args.command == "quickstart":
             from ..runs.ask import show_examples
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import datasets
 from peft import get_peft_model
+from transformers import set_seed
 
 from ..data.collection import CollectConfig, cache_identity, check_cache_identity, collect, load_cache, make_judge
 from ..data.prefix_states import attach_prefix_states, prefix_states
@@ -190,6 +191,7 @@ def _train(run_dir: Path, manifest: dict[str, Any], training_args: DoubterSFTCon
     from ..training.trainer import DoubterTrainer
 
     manifest["doubter"].update(doubter_overrides)
+    set_seed(training_args.seed)  # the adapter's initial weights are part of the run (as with Trainer's model_init)
     model, tokenizer, _ = load_run_model(run_dir, adapter=False, doubter_values=manifest["doubter"])
     _check_trained_on_this_base(run_dir, manifest, model.base_model.model)
     cache = load_cache(run_dir / manifest["cache"])
