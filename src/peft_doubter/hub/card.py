@@ -46,8 +46,9 @@ RUN_FILES = {  # what `push_run` uploads besides README.md (adapter files from t
 }
 COLLECT_KEYS = ("dataset_split", "limit", "sample_seed", "val_fraction", "test_fraction", "judge", "max_new_tokens",
                 "dtype", "quantization")
-TRAIN_KEYS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-              "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "weight_decay", "seed")
+TRAIN_KEYS = ("fit_confidence_head", "train_injection", "learning_rate", "num_train_epochs", "max_steps",
+              "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio",
+              "weight_decay", "seed")
 # report.json key -> (model-index metric type, display name)
 CARD_METRICS = {
     "auroc": ("auroc", "AUROC (confidence vs correctness)"),
