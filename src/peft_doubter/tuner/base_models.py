@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -57,14 +58,33 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once(gguf_path: Path) -> Iterator[None]:
+    """transformers reads a GGUF's metadata anew for its config, tokenizer and weights (`gguf.GGUFReader`, ~30 s
+    each for Gemma 3's 262k-token vocabulary in pure Python); inside this block they share one read-only reader."""
+    import gguf
+
+    original = gguf.GGUFReader
+    reader = original(gguf_path)
+    gguf.GGUFReader = lambda path, *args, **kwargs: (  # transformers imports it from `gguf` at call time
+        reader if Path(path) == gguf_path and not args and not kwargs else original(path, *args, **kwargs))
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def converted_checkpoint(name: str) -> Path:
     """An embedded model converted once from GGUF to a transformers checkpoint (safetensors) under the cache:
-    de-quantizing the GGUF and converting its tokenizer takes about a minute, loading the result a few seconds."""
+    parsing the GGUF, de-quantizing it and converting its tokenizer takes about half a minute, loading the result a
+    few seconds."""
     gguf_path = embedded_gguf_path(name)
     target = cache_dir() / "models" / f"{name}-{gguf_path.stat().st_size}"
     if not (target / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        with _gguf_parsed_once(gguf_path):
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
         partial = target.with_name(target.name + ".partial")
         model.hf_quantizer = None  # the GGUF weights are already de-quantized to float32
         model.config.__dict__.pop("quantization_config", None)
