@@ -489,7 +489,8 @@ def test_head_only_doubter_fits_the_head_and_writes_the_thresholded_answer(works
         row["pass1_answer"] if not row["choices"] else LETTERS[row["pass1_choice"]]
         for a, row in zip(answered, test) if a]
     assert all(w["text"] == model.peft_config["default"].refusal_text for w, a in zip(written, answered) if not a)
-    assert report.scores["doubter"]["written_correct"] == [a and bool(row["correct"]) for a, row in zip(answered, test)]
+    assert report.scores["doubter"]["written_correct"] == [a and bool(row["correct"])
+                                                           for a, row in zip(answered, test)]
     behaviour = report.text_behaviour["doubter"]
     assert behaviour["coverage"] == pytest.approx(report.risk_control[0]["test"]["coverage"])
     assert "What the thresholded Doubter wrote" in report.to_markdown()

@@ -206,15 +206,19 @@ def baseline_confidences(
 
     out = {"random": random_confidence(len(test_features), seed)}
     out.update(answer_probability_scores(test_features))
-    out["probe"] = LogisticProbe(seed=seed, n_jobs=n_jobs).fit(hidden_train, train_correct).predict_proba(hidden_test)
+
+    def probe(x_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+        return LogisticProbe(seed=seed, n_jobs=n_jobs).fit(x_train, train_correct).predict_proba(x_test)
+
+    out["probe"] = probe(hidden_train, hidden_test)
     names = sorted(_signals(test_features))
     if names:
         x_train = np.hstack([hidden_train, answer_feature_matrix(train_features, names)])
         x_test = np.hstack([hidden_test, answer_feature_matrix(test_features, names)])
-        out["probe+answer_prob"] = LogisticProbe(seed=seed, n_jobs=n_jobs).fit(x_train, train_correct).predict_proba(x_test)
+        out["probe+answer_prob"] = probe(x_train, x_test)
         if extra_train is not None and extra_test is not None:
             x_train = np.hstack([x_train, np.asarray(extra_train, dtype=np.float64)])
             x_test = np.hstack([x_test, np.asarray(extra_test, dtype=np.float64)])
-            out["stacked_lr"] = LogisticProbe(seed=seed, n_jobs=n_jobs).fit(x_train, train_correct).predict_proba(x_test)
+            out["stacked_lr"] = probe(x_train, x_test)
             out["stacked_gbm"] = StackedGBM(seed=seed).fit(x_train, train_correct).predict_proba(x_test)
     return out

@@ -178,7 +178,8 @@ WRITTEN_BY = {
     "thresholded": ("What the thresholded Doubter wrote (as `ask --threshold calibrated` and the server write): the "
                     "base's own pass-1 answer where the confidence reaches the calibrated threshold, judged on its "
                     "text when it was collected, else the refusal."),
-    "two-pass": "What greedy two-pass generation wrote, each answer judged on its own text (never by the pass-1 oracle).",
+    "two-pass": ("What greedy two-pass generation wrote, each answer judged on its own text (never by the pass-1 "
+                 "oracle)."),
 }
 
 
@@ -199,9 +200,9 @@ def _text_table(behaviour: Mapping[str, Mapping[str, float | None]], mode: str |
         for name, b in behaviour.items()
     ]
     notes = [
-        (WRITTEN_BY[mode or "two-pass"] + " Coverage: share not declined. Refusal precision: declines of questions the base got wrong / declines; "
-         "random level: 1 - base accuracy. Over-refusal: declines of questions the base got right / declines "
-         "(= 1 - refusal precision). Right answers declined: declines of questions the base got right / questions "
+        (WRITTEN_BY[mode or "two-pass"] + " Coverage: share not declined. Refusal precision: declines of questions "
+         "the base got wrong / declines; random level: 1 - base accuracy. Over-refusal: declines of questions the "
+         "base got right / declines (= 1 - refusal precision). Right answers declined: declines of questions the base got right / questions "
          "the base got right. Answered differently: written answers other than the base's pass-1 answer (how many "
          "of them are right). Sel. acc. of answered: right written answers / written answers. Written accuracy: "
          "right written answers / all questions (a decline is not right), against the base accuracy with "

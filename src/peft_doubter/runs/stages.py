@@ -299,7 +299,8 @@ def _evaluate(run_dir: Path, config: EvalConfig, model, tokenizer) -> Evaluation
     prompt = PromptConfig(**test_manifest["prompt"])
     title = (f"Doubter evaluation: {manifest['collect']['model']} trained on {manifest['collect']['dataset']}, "
              f"tested on {test_manifest['collect']['dataset']} ({config.eval_split})")
-    if config.text_behaviour == "two-pass" and not manifest.get("train", {}).get("args", {}).get("train_injection", True):
+    injection_trained = manifest.get("train", {}).get("args", {}).get("train_injection", True)
+    if config.text_behaviour == "two-pass" and not injection_trained:
         raise ValueError(f"{run_dir}'s injection was not trained (train_injection=False): its two-pass text is the "
                          "base's own. Evaluate it with --text-behaviour thresholded (what it writes) or none.")
     judge = make_judge(test_manifest["collect"]["judge"]) if config.text_behaviour == "two-pass" else None

@@ -341,13 +341,12 @@ class DoubterTrainer(SFTTrainer):
         result); with `fit_confidence_head` the encoder and head are then frozen, and with `train_injection=False`
         training ends there (no step, no checkpoint: the fit is in `state.log_history` and the metrics)."""
         if self.args.fit_confidence_head:
-            if not resume_from_checkpoint:
+            if not resume_from_checkpoint or not self.args.train_injection:  # a head-only run saves no checkpoint
                 self.fit_confidence_head()
             self.doubter_encoder.requires_grad_(False)
             if not self.args.train_injection:
-                fit = self.fit_confidence_head() if self.head_fit is None else self.head_fit
-                self.state.log_history.append({**fit.log_entry(), "step": 0})
-                return TrainOutput(global_step=0, training_loss=0.0, metrics=fit.log_entry())
+                self.state.log_history.append({**self.head_fit.log_entry(), "step": 0})
+                return TrainOutput(global_step=0, training_loss=0.0, metrics=self.head_fit.log_entry())
         elif self.args.pretrain_projectors and not resume_from_checkpoint:
             self.pretrain_projectors()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

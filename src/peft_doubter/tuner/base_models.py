@@ -76,8 +76,8 @@ def _gguf_parsed_once(gguf_path: Path) -> Iterator[None]:
 
 def converted_checkpoint(name: str) -> Path:
     """An embedded model converted once from GGUF to a transformers checkpoint (safetensors) under the cache:
-    parsing the GGUF, de-quantizing it and converting its tokenizer takes about half a minute, loading the result a
-    few seconds."""
+    parsing the GGUF (once), de-quantizing it and converting its tokenizer takes about a minute, loading the result
+    a few seconds."""
     gguf_path = embedded_gguf_path(name)
     target = cache_dir() / "models" / f"{name}-{gguf_path.stat().st_size}"
     if not (target / "config.json").exists():
