@@ -2,14 +2,15 @@
 
     python benchmarks/bench_llama_cpp_parity.py --run-dir RUNS/sciq-open-agent [--gguf base.gguf] [--json out.json]
 
-The run must use the embedded gemma-3-270m with the decision confidence. Exports the run's sidecar, then scores every
-test prompt with `llama-doubter --jsonl` on a GGUF of the base (default: the embedded Q4_K_M; `--gguf` takes
-e.g. an F32 conversion) and compares its decision confidence with the one `peft-doubter eval` stored for the same
-question (PyTorch, float32): absolute differences, and how often answer/decline agrees at thresholds set at the
+The run must use the embedded gemma-3-270m with a confidence llama.cpp computes (decision, or head: prompt or answer
+reading). Exports the run's sidecar, then scores every test prompt with `llama-doubter --jsonl` on a GGUF of the base
+(default: the embedded Q4_K_M; `--gguf` takes e.g. an F32 conversion) and compares its confidence with the one
+`peft-doubter eval` stored for the same question (PyTorch, float32 model; an answer reading's token states stored
+in float16 by collection): absolute differences, and how often answer/decline agrees at thresholds set at the
 deciles of PyTorch's confidences (and at the calibrated threshold when one was certified), with Wilson intervals.
-Also how often the base's greedy draft is the same text in both. Then times the two-pass tool against
-`--no-doubter` on `--timing-questions` prompts: time to first token and decode speed (medians, one process per
-prompt, as a user runs it).
+Also how often the base's greedy draft is the same text in both. For a decision run it then times the two-pass tool
+against `--no-doubter` on `--timing-questions` prompts: time to first token and decode speed (medians, one process
+per prompt, as a user runs it); a head Doubter's reply time is `bench_llama_cpp_reply.py`'s.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from peft_doubter.data.collection import load_cache
 from peft_doubter.data.prompts import first_line
 from peft_doubter.deploy.llama_cpp import LlamaDoubterProcess, ensure_llama_cpp_build, run_tool
 from peft_doubter.evaluation.statistics import wilson_interval
-from peft_doubter.names import EVAL_DIR, REPORT_JSON
+from peft_doubter.names import EVAL_DIR, REPORT_JSON, TOOL_CONFIDENCES
 from peft_doubter.runs.manifest import read_manifest
 from peft_doubter.runs.stages import export_run
 from peft_doubter.tuner.base_models import embedded_gguf_path
@@ -51,8 +52,12 @@ def main() -> None:
     args = parser.parse_args()
 
     manifest = read_manifest(args.run_dir)
-    if manifest["collect"]["model"] != "gemma-3-270m" or manifest["doubter"].get("confidence") != "decision":
-        raise SystemExit("This comparison needs a run on the embedded gemma-3-270m with the decision confidence.")
+    confidence = manifest["doubter"].get("confidence")
+    if manifest["collect"]["model"] != "gemma-3-270m" or confidence not in TOOL_CONFIDENCES:
+        raise SystemExit(f"This comparison needs a run on the embedded gemma-3-270m with a confidence in "
+                         f"{TOOL_CONFIDENCES}.")
+    if confidence == "head":
+        args.timing_questions = 0
     report = json.loads((args.run_dir / EVAL_DIR / REPORT_JSON).read_text())
     cache = load_cache(args.run_dir / manifest["cache"])
     test = [i for i, split in enumerate(cache["split"]) if split == report["meta"]["split"]]
@@ -68,7 +73,7 @@ def main() -> None:
     with LlamaDoubterProcess(gguf, sidecar, threads=args.threads, build_dir=build) as tool:
         for index, pytorch_confidence in zip(tqdm(test, desc="llama.cpp confidence", unit="q"), torch_conf):
             row = cache[index]
-            reply = tool.generate(row["prompt"], n_predict=args.max_new_tokens, threshold=0.5)
+            reply = tool.generate(row["prompt"], n_predict=args.max_new_tokens, threshold=0.5, stop=["\n"])
             rows.append({"id": row["id"], "llama_cpp_draft": first_line(reply["draft"].strip()),
                          "pytorch_draft": row["pass1_answer"], "llama_cpp_confidence": reply["confidence"],
                          "pytorch_confidence": float(pytorch_confidence)})
@@ -91,7 +96,7 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in timings.items()} if args.timing_questions else {}
 
     result = {
-        "run_dir": str(args.run_dir), "gguf": str(gguf), "questions": n,
+        "run_dir": str(args.run_dir), "gguf": str(gguf), "questions": n, "confidence": confidence,
         "confidence_abs_diff": {"median": float(np.median(difference)), "p95": float(np.quantile(difference, 0.95)),
                                 "max": float(difference.max()), "within_1e-3": float((difference <= 1e-3).mean())},
         "decision_agreement_at_deciles": [agreement(torch_conf, llama_conf, t) for t in thresholds],

@@ -4,10 +4,12 @@
 
 The Doubter answers with the base's own draft or declines (`--threshold`). With the `decision` confidence the tool
 runs pass 1 with the draft, the encoder, and pass 2 over the prompt (the confidence is read at its end); with the
-`head` confidence it decides right after the encoder and runs no pass 2. Each question is asked of three
-`llama-doubter --jsonl` processes in turn (plain, decision sidecar, head sidecar: the default Doubter settings on
-Gemma-3-270M with random weights, since timing does not depend on the weights) on the Q4_K_M GGUF; the time is the
-wall clock of the request and the tool's own breakdown. Reported: medians and the ratios to plain from the same run.
+`head` confidence it decides right after the encoder and runs no pass 2. Each question is asked of four
+`llama-doubter --jsonl` processes in turn (plain; decision and head sidecars with the default Doubter settings; the
+answer-reading head, i.e. TriviaQA's best Doubter: late layers read at every token of the draft by the attentive
+encoder, which also costs each draft token's signals over the vocabulary) on Gemma-3-270M with random weights (timing
+does not depend on the weights) on the Q4_K_M GGUF; the time is the wall clock of the request and the tool's own
+breakdown. Reported: medians and the ratios to plain from the same run.
 """
 
 from __future__ import annotations
@@ -29,11 +31,19 @@ from peft_doubter.deploy.sidecar import doubter_tensors, write_sidecar
 from peft_doubter.tuner.base_models import embedded_gguf_path, load_base_model
 
 
-def random_sidecar(path: Path, confidence: str) -> Path:
-    """The default Doubter on Gemma-3-270M with random weights, exported."""
+SIDECARS = {  # arm -> Doubter settings
+    "decision": {"confidence": "decision"},
+    "head": {"confidence": "head"},
+    "answer_head": {"confidence": "head", "target_layers": "late", "encoder_type": "attentive",
+                    "read_position": "answer"},
+}
+
+
+def random_sidecar(path: Path, settings: dict) -> Path:
+    """A Doubter on Gemma-3-270M with random weights, exported."""
     base, _ = load_base_model("gemma-3-270m")
     torch.manual_seed(0)
-    model = get_peft_model(base, DoubterConfig(confidence=confidence))
+    model = get_peft_model(base, DoubterConfig(**settings))
     return write_sidecar(path, *doubter_tensors(model))
 
 
@@ -47,9 +57,9 @@ def main() -> None:
 
     questions = [row["question"] for row in load_benchmark("triviaqa", limit=args.questions)]
     gguf = embedded_gguf_path("gemma-3-270m")
-    timings: dict[str, list[dict]] = {"plain": [], "decision": [], "head": []}
+    timings: dict[str, list[dict]] = {"plain": [], **{kind: [] for kind in SIDECARS}}
     with tempfile.TemporaryDirectory() as tmp:
-        sidecars = {kind: random_sidecar(Path(tmp) / f"{kind}.gguf", kind) for kind in ("decision", "head")}
+        sidecars = {kind: random_sidecar(Path(tmp) / f"{kind}.gguf", settings) for kind, settings in SIDECARS.items()}
         processes = {"plain": LlamaDoubterProcess(gguf, threads=args.threads),
                      **{kind: LlamaDoubterProcess(gguf, path, threads=args.threads) for kind, path in sidecars.items()}}
         try:
@@ -64,21 +74,22 @@ def main() -> None:
         finally:
             for process in processes.values():
                 process.close()
-    drafts_match = all(d["draft"] == p["text"] for d, p in zip(timings["head"], timings["plain"]))
+    drafts_match = {kind: all(d["draft"] == p["text"] for d, p in zip(timings[kind], timings["plain"]))
+                    for kind in SIDECARS}
     summary = {kind: {key: statistics.median(t[key] for t in rows)
                       for key in ("wall_ms", "pass1_ms", "draft_ms", "encode_ms", "pass2_prompt_ms", "decode_ms")}
                for kind, rows in timings.items()}
-    ratios = {kind: summary[kind]["wall_ms"] / summary["plain"]["wall_ms"] for kind in ("decision", "head")}
+    ratios = {kind: summary[kind]["wall_ms"] / summary["plain"]["wall_ms"] for kind in SIDECARS}
     results = {"questions": len(questions), "threads": args.threads, "max_new_tokens": args.max_new_tokens,
                "gguf": str(gguf), "median": summary, "reply_time_vs_plain": ratios,
-               "head_draft_equals_plain_text": drafts_match, "per_question": timings}
+               "drafts_equal_plain_text": drafts_match, "per_question": timings}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     for kind, row in summary.items():
-        print(f"{kind:8s} median reply {row['wall_ms']:.1f} ms " + " ".join(f"{k}={v:.1f}" for k, v in row.items()
+        print(f"{kind:11s} median reply {row['wall_ms']:.1f} ms " + " ".join(f"{k}={v:.1f}" for k, v in row.items()
                                                                          if k != "wall_ms"))
-    print(f"reply time vs plain: decision {ratios['decision']:.2f}x, head {ratios['head']:.2f}x; "
-          f"head drafts = plain text: {drafts_match}")
+    print("reply time vs plain: " + ", ".join(f"{kind} {ratio:.2f}x" for kind, ratio in ratios.items())
+          + f"; drafts = plain text: {drafts_match}")
 
 
 if __name__ == "__main__":

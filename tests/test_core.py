@@ -277,6 +277,9 @@ def test_answer_read_position_drafts_then_reads_prompt_plus_draft(family):
         model(input_ids=ids, attention_mask=mask)
     from peft_doubter.deploy.sidecar import doubter_tensors
 
+    metadata = doubter_tensors(model)[1]  # llama.cpp reads answers too: the sidecar says so and how long to draft
+    assert (metadata["read_position"], metadata["max_draft_tokens"]) == ("answer", 5)
+    model.peft_config["default"].pooling = "mean"
     with pytest.raises(ValueError, match="no llama.cpp implementation"):
         doubter_tensors(model)
 

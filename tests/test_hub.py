@@ -369,15 +369,19 @@ def test_push_run_names_the_missing_step_before_any_request(hub, run_dir, tmp_pa
     assert len(hub.requests) == seen
 
 
-def test_answer_reading_run_is_shared_without_a_sidecar(run_dir, tmp_path):
-    """read_position='answer' has no llama.cpp implementation: its run needs no sidecar and its card shows none."""
+def test_a_run_llama_cpp_cannot_run_is_shared_without_a_sidecar(run_dir, tmp_path):
+    """A Doubter llama.cpp runs (reading the prompt, or the answer with `last` pooling) is shared with its sidecar;
+    one it cannot run (the answer read with mean pooling) needs none and its card shows none."""
     answer_run = tmp_path / "run"
     shutil.copytree(run_dir, answer_run)
     (answer_run / SIDECAR_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match="No GGUF sidecar"):
-        run_card(answer_run, "test/answer", license="apache-2.0")
     config_path = answer_run / "adapter" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "read_position": "answer"}))
+    config = json.loads(config_path.read_text())
+    for exported in ({}, {"read_position": "answer", "pooling": "last"}):
+        config_path.write_text(json.dumps({**config, **exported}))
+        with pytest.raises(FileNotFoundError, match="No GGUF sidecar"):
+            run_card(answer_run, "test/answer", license="apache-2.0")
+    config_path.write_text(json.dumps({**config, "read_position": "answer", "pooling": "mean"}))
     card = str(run_card(answer_run, "test/answer", license="apache-2.0"))
     assert SIDECAR_NAME not in card and "llama-doubter" not in card
     assert "adapter_model.safetensors" in card

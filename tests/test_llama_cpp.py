@@ -72,6 +72,7 @@ def sidecar_metadata(**overrides) -> dict:
         ca_scale_by_rms=True, dynamic_gates=False, layer_norm_eps=1e-5, agc_enabled=False, agc_floor=0.3, agc_tau=16.0,
         dynamic_refresh=False, refresh_threshold=0.85, refresh_interval=4,
         refusal_text="I'm not confident enough to answer this question accurately.", confidence="decision",
+        read_position="prompt",
     )
     meta.update(overrides)
     return meta
@@ -310,6 +311,62 @@ def test_head_confidence_is_the_reference_head_on_the_tools_own_reading(tmp_path
         assert result["log_odds"] == pytest.approx(low["log_odds"], abs=1e-6)
 
 
+ATTENTIVE = {"encoder_type": "attentive", "read_position": "answer", "answer_tokens": 3, "max_draft_tokens": 4,
+             "read_layers": [12, 15, 17], "confidence": "head"}
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_attentive_port_matches_numpy_reference(tmp_path, gemma, dynamic):
+    """The attentive encoder on answer readings of 0 tokens, 2, and 6 (past the position table's 4 rows)."""
+    path = make_sidecar(tmp_path / "a.gguf", gate=0.4, dynamic_gates=dynamic, **ATTENTIVE)
+    weights, meta = read_sidecar(path)
+    rng = np.random.default_rng(3)
+    with gemma.load_sidecar(path) as sidecar:
+        assert (sidecar.read_position, sidecar.n_signals, sidecar.n_tokens) == ("answer", 6, 3 + 3)
+        features = (rng.standard_normal((3, 640)) * 40).astype(np.float32)
+        outputs = []
+        for length in (0, 2, 6):
+            states = (rng.standard_normal((length, 3, 640)) * 300).astype(np.float32)
+            signals = (rng.standard_normal((length, 6)) * 30).astype(np.float32)  # some beyond the +-50 clip
+            tokens = sidecar.encode_answer(features, states, signals)
+            assert np.abs(tokens - ref.encode(weights, meta, features, states, signals)).max() <= TOLERANCE
+            outputs.append(tokens)
+        assert np.abs(outputs[1] - outputs[0]).max() > 1e-2  # the answer's tokens are read: not vacuous
+        with pytest.raises(ValueError, match="answer_states"):
+            sidecar.encode_answer(features, np.zeros((2, 3, 640)), np.zeros((3, 6)))
+
+
+def test_answer_reading_tool_reads_its_own_draft(tmp_path, gemma, build_dir, gemma_path):
+    """An answer-reading attentive head sidecar: the tool reads the read layers at every token of its greedy draft
+    (the rows pass 1 computed for them), each token's signals (greedy: its log-probability is the top one), and its
+    confidence is the reference head on that reading; the two-pass path drafts max_draft_tokens and reads the same
+    when n_predict equals it."""
+    path = make_sidecar(tmp_path / "a.gguf", gate=0.4, **ATTENTIVE)
+    weights, meta = read_sidecar(path)
+    run = {"threads": 1, "build_dir": build_dir, "ignore_eos": True}
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    reply = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, threshold=0.0, n_predict=4, dump_dir=dump, **run)
+    n_answer = len(reply["draft_tokens"])
+    assert n_answer == 4 and reply["text"] == reply["draft"] and reply["timing"]["pass2_prompt_ms"] < 1.0
+    states = np.load(dump / "answer_states.npy").reshape(n_answer, 3, 640)
+    signals = np.load(dump / "token_signals.npy")
+    features = np.load(dump / "features.npy")
+    for r, layer in enumerate(meta["read_layers"]):
+        rows = np.load(dump / f"pass1_l_out-{layer}.npy")  # the prompt's rows (1 for the final layer), then the draft's
+        np.testing.assert_array_equal(states[:, r], rows[-n_answer:])
+        np.testing.assert_array_equal(features[r], rows[-1])
+    assert signals.shape == (n_answer, 6) and np.allclose(signals[:, 0], signals[:, 2], atol=1e-5)
+    assert (signals[:, 1] >= 0).all() and (np.diff(signals[:, 2:], axis=1) <= 0).all()
+    expected = ref.head_log_odds(weights, ref.encode(weights, meta, features, states, signals))
+    assert reply["confidence_kind"] == "head" and reply["log_odds"] == pytest.approx(expected, abs=1e-3)
+    free = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, n_predict=4, **run)
+    assert free["draft_tokens"] == reply["draft_tokens"] and free["log_odds"] == pytest.approx(reply["log_odds"],
+                                                                                            abs=1e-6)
+    longer = llama_cpp.run_tool(gemma_path, QUESTION, sidecar=path, threshold=0.0, n_predict=6, **run)
+    assert longer["draft_tokens"][:4] == reply["draft_tokens"] and abs(longer["log_odds"] - reply["log_odds"]) > 1e-4
+
+
 def test_threshold_needs_a_decision_sidecar(tmp_path, build_dir, gemma_path):
     path = make_sidecar(tmp_path / "d.gguf", confidence="ratio")
     with pytest.raises(RuntimeError, match="trained with the 'ratio' confidence"):
@@ -369,35 +426,52 @@ def test_persistent_process_reports_a_tool_that_failed(tmp_path, build_dir, gemm
     process.close()
 
 
-@pytest.mark.slow
-def test_decision_confidence_matches_pytorch(tmp_path, build_dir):
-    """The tool's decision confidence is the number PyTorch computes, for the same Doubter on the same weights:
-    Gemma-3-270M de-quantized to float32 on both sides (PyTorch's checkpoint converted to an F32 GGUF with
-    llama.cpp's own converter). On the Q4_K_M GGUF llama.cpp also quantizes activations, and the plain base's
-    log-odds alone differ by ~0.1 from PyTorch's, so parity is only defined on an unquantized base."""
-    import torch
-    from peft import get_peft_model
+@pytest.fixture(scope="module")
+def gemma_f32(build_dir, tmp_path_factory) -> Path:
+    """Gemma-3-270M de-quantized to float32 as llama.cpp's own converter writes PyTorch's checkpoint: parity with
+    PyTorch is only defined on an unquantized base (on Q4_K_M llama.cpp also quantizes activations)."""
+    from peft_doubter.tuner.base_models import converted_checkpoint
 
-    from peft_doubter import DoubterConfig
-    from peft_doubter.data.sequences import first_target_token
-    from peft_doubter.deploy.sidecar import doubter_tensors
-    from peft_doubter.tuner.base_models import converted_checkpoint, load_base_model
-    from peft_doubter.tuner.confidence import decision_log_odds
-
-    f32 = tmp_path / "gemma-f32.gguf"
+    f32 = tmp_path_factory.mktemp("f32") / "gemma-f32.gguf"
     source = build_dir / "src"
     subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(converted_checkpoint("gemma-3-270m")),
                     "--outtype", "f32", "--outfile", str(f32)], check=True, capture_output=True, timeout=900,
                    env={**os.environ, "PYTHONPATH": str(source / "gguf-py")})
+    return f32
+
+
+def randomized_doubter(config, std: float = 0.02):
+    """Gemma-3-270M with a Doubter whose trainable weights are random (seeded, N(0, std^2)), and its tokenizer."""
+    import torch
+    from peft import get_peft_model
+
+    from peft_doubter.tuner.base_models import load_base_model
+
     base, tokenizer = load_base_model("gemma-3-270m")
     torch.manual_seed(0)
-    config = DoubterConfig(target_layers=[6, 12, 17], cross_attn_layers=[9, 14, 17], confidence="decision",
-                           ca_gate_init=0.3)
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.requires_grad and "gate" not in name:
-                parameter.normal_(0.0, 0.02)
+                parameter.normal_(0.0, std)
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_decision_confidence_matches_pytorch(tmp_path, build_dir, gemma_f32):
+    """The tool's decision confidence is the number PyTorch computes, for the same Doubter on the same weights
+    (float32 on both sides). On the Q4_K_M GGUF the plain base's log-odds alone differ by ~0.1 from PyTorch's."""
+    import torch
+
+    from peft_doubter import DoubterConfig
+    from peft_doubter.data.sequences import first_target_token
+    from peft_doubter.deploy.sidecar import doubter_tensors
+    from peft_doubter.tuner.confidence import decision_log_odds
+
+    f32 = gemma_f32
+    config = DoubterConfig(target_layers=[6, 12, 17], cross_attn_layers=[9, 14, 17], confidence="decision",
+                           ca_gate_init=0.3)
+    model, tokenizer = randomized_doubter(config)
     tensors, metadata = doubter_tensors(model)
     write_sidecar(tmp_path / "d.gguf", tensors, metadata)
     write_sidecar(tmp_path / "off.gguf", {k: v * 0 if k.endswith("gate") else v for k, v in tensors.items()},
@@ -419,3 +493,36 @@ def test_decision_confidence_matches_pytorch(tmp_path, build_dir):
         assert abs(tool["confidence"] - 1 / (1 + np.exp(-expected))) <= 1e-3
         assert abs(expected - plain) > 1e-2  # the injection moved the number: the match is not the base's alone
         assert abs((tool["log_odds"] - off["log_odds"]) - (expected - plain)) <= 2e-3
+
+
+@pytest.mark.slow
+def test_answer_reading_head_confidence_matches_pytorch(tmp_path, build_dir, gemma_f32):
+    """An answer-reading attentive head Doubter (the v2 winner's shape, random weights): the tool's greedy draft,
+    cut at the first newline as collection cuts it, is PyTorch's (`read_draft` with the newline stop tokens), and
+    its head confidence is PyTorch's on that reading (float32 on both sides)."""
+    import torch
+
+    from peft_doubter import DoubterConfig
+    from peft_doubter.data.collection import stop_token_ids
+    from peft_doubter.deploy.sidecar import doubter_tensors
+
+    config = DoubterConfig(target_layers="late", encoder_type="attentive", read_position="answer", confidence="head")
+    model, tokenizer = randomized_doubter(config, std=0.2)  # large enough for the questions' confidences to differ
+    write_sidecar(tmp_path / "a.gguf", *doubter_tensors(model))
+    doubter = model.base_model
+    prompts = (QUESTION, "Question: Who wrote Hamlet?\nAnswer:", "Q: What is 2 + 2?\nA:",
+               "Question: Which river flows through Vienna?\nAnswer:")
+    confidences = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            draft = doubter.draft(ids["input_ids"], ids["attention_mask"], 16, eos_token_id=stop_token_ids(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id)
+            expected = float(doubter.head_log_odds(draft.reading)[0])
+        tool = llama_cpp.run_tool(gemma_f32, prompt, sidecar=tmp_path / "a.gguf", n_predict=16, threads=1,
+                                  threshold=0.5, stop=["\n"], build_dir=build_dir)
+        assert tool["draft_tokens"] == draft.tokens[0]
+        assert abs(tool["log_odds"] - expected) <= 5e-3
+        assert abs(tool["confidence"] - 1 / (1 + np.exp(-expected))) <= 1e-3
+        confidences.append(expected)
+    assert np.ptp(confidences) > 1e-2  # the questions get different confidences: the match is not a constant's

@@ -91,6 +91,23 @@ def test_committed_crossfit_recomputes_from_its_stored_confidences(path):
                     assert np.mean(fold_diffs) == pytest.approx(method[key]["diff"], abs=1e-12), (name, key)
 
 
+LEAVE_ONE_OUT = sorted(RESULTS.rglob("leave_one_dataset_out.json"))
+
+
+@pytest.mark.parametrize("path", LEAVE_ONE_OUT, ids=lambda path: str(path.relative_to(RESULTS)))
+def test_committed_leave_one_dataset_out_recomputes_from_its_stored_confidences(path):
+    from peft_doubter.evaluation.metrics import auroc
+
+    results = json.loads(path.read_text())
+    assert len(results["held_out"]) >= 3
+    for name, held in results["held_out"].items():
+        correct = np.asarray(held["correct"], dtype=bool)
+        assert len(correct) == held["n"] and name not in held["trained_on"]
+        for method, row in held["methods"].items():
+            assert len(row["confidence"]) == len(correct), (name, method)
+            assert auroc(correct, row["confidence"]) == pytest.approx(row["auroc"], abs=1e-12), (name, method)
+
+
 PARITIES = sorted(RESULTS.rglob("llama_cpp_parity*.json"))
 
 

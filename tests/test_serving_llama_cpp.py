@@ -10,7 +10,7 @@ import dataclasses
 import httpx
 import openai
 import pytest
-from test_llama_cpp import make_sidecar
+from test_llama_cpp import ATTENTIVE, make_sidecar
 from test_serving import ask_server as ask_test_server
 from test_serving import openai_client
 
@@ -133,9 +133,11 @@ def test_concurrent_clients_get_their_own_answers(client):
     assert len(replies) == 9 and all(text == expected[q] for q, text in replies), "no reply lost or mixed up"
 
 
-def test_head_sidecar_is_served_with_its_head_confidence(tmp_path, build_dir):
-    """A `head` sidecar: the server's confidence is the head's the one-shot tool computes (before any pass 2)."""
-    run = make_run(tmp_path / "head", confidence="head")
+@pytest.mark.parametrize("reading", [{}, ATTENTIVE], ids=["prompt", "answer-attentive"])
+def test_head_sidecar_is_served_with_its_head_confidence(tmp_path, build_dir, reading):
+    """A `head` sidecar (reading the prompt, or the answer as TriviaQA's best Doubter does): the server's confidence
+    is the head's the one-shot tool computes (before any pass 2)."""
+    run = make_run(tmp_path / "head", **{"confidence": "head", **reading})
     service = build_llama_cpp_service(run, model_id="doubter-gemma", threads=1, build_dir=build_dir)
     try:
         with running_server(service) as url:

@@ -28,6 +28,7 @@ def make_metadata(**overrides) -> dict:
         "ca_scale_by_rms": True, "dynamic_gates": False, "layer_norm_eps": 1e-5, "agc_enabled": True, "agc_floor": 0.3, "agc_tau": 16.0,
         "dynamic_refresh": False, "refresh_threshold": 0.85, "refresh_interval": 8,
         "refusal_text": "I'm not confident enough to answer this question accurately.", "confidence": "decision",
+        "read_position": "prompt",
     }
     meta.update(overrides)
     return meta
@@ -37,10 +38,14 @@ def config_id(config: dict) -> str:
     return f"{config['encoder_type']}-{config['pooling']}-dyn{int(config['dynamic_gates'])}"
 
 
+ATTENTIVE = {"read_position": "answer", "answer_tokens": 2, "max_draft_tokens": 5}
 CONFIGS = [
-    dict(encoder_type=e, pooling=p, dynamic_gates=g, **({"num_cognitive_tokens": 4} if e == "multi_token" else {}))
+    dict(encoder_type=e, pooling=p, dynamic_gates=g, **({"num_cognitive_tokens": 4} if e == "multi_token" else {}),
+         **(ATTENTIVE if e == "attentive" else {}))
     for e, p, g in itertools.product(fmt.SIDECAR_ENCODERS, fmt.POOLINGS, (False, True))
-]
+    if e != "attentive" or p == fmt.ANSWER_READING_POOLING  # answer reading pools nothing
+] + [{"encoder_type": "selective", "pooling": "last", "dynamic_gates": False, "read_position": "answer",
+       "max_draft_tokens": 8}]
 
 
 def write_random(path: Path, seed: int = 0, **overrides) -> tuple[dict, dict]:
@@ -123,7 +128,7 @@ def test_round_trip(tmp_path, config):
     for key, value in meta.items():
         expected = float(np.float32(value)) if isinstance(value, float) else value
         assert read[key] == expected, key
-    assert read["num_cognitive_tokens"] == (4 if config["encoder_type"] == "multi_token" else 3)
+    assert read["num_cognitive_tokens"] == {"multi_token": 4, "attentive": 3 + 2}.get(config["encoder_type"], 3)
     reader = gguf.GGUFReader(tmp_path / "d.gguf")
     assert reader.get_field("general.architecture").contents() == "gemma3"
     assert reader.get_field("general.type").contents() == "adapter"
@@ -148,6 +153,11 @@ def test_round_trip(tmp_path, config):
         (lambda w, m: m.pop("ca_scale_by_rms"), "ca_scale_by_rms"),
         (lambda w, m: m.update(ca_scale_by_rms=1), "ca_scale_by_rms"),
         (lambda w, m: m.update(confidence="probe"), "confidence"),
+        (lambda w, m: m.update(read_position="middle"), "read_position"),
+        (lambda w, m: m.update(read_position="answer"), "max_draft_tokens"),
+        (lambda w, m: m.update(read_position="answer", max_draft_tokens=8, pooling="mean"), "needs pooling='last'"),
+        (lambda w, m: m.update(encoder_type="attentive"), "answer_tokens"),
+        (lambda w, m: m.update(encoder_type="attentive", answer_tokens=2), "needs read_position='answer'"),
         (lambda w, m: m.update(extra=1), "Unknown"),
     ],
 )
@@ -182,6 +192,16 @@ def test_read_treats_a_missing_confidence_as_ratio(tmp_path, monkeypatch):
     assert read_sidecar(tmp_path / "d.gguf")[1]["confidence"] == "ratio"
     write_random(tmp_path / "e.gguf", confidence="decision")
     assert read_sidecar(tmp_path / "e.gguf")[1]["confidence"] == "decision"
+
+
+def test_read_treats_a_missing_read_position_as_prompt(tmp_path, monkeypatch):
+    """Sidecars written before the `read_position` key existed all read the prompt."""
+    key, add_string = fmt.META_BY_FIELD["read_position"].key, gguf.GGUFWriter.add_string
+    monkeypatch.setattr(gguf.GGUFWriter, "add_string", lambda self, k, v: None if k == key else add_string(self, k, v))
+    write_random(tmp_path / "d.gguf")
+    monkeypatch.undo()
+    assert gguf.GGUFReader(tmp_path / "d.gguf").get_field(key) is None
+    assert read_sidecar(tmp_path / "d.gguf")[1]["read_position"] == "prompt"
 
 
 def test_read_rejects_truncated_files(tmp_path):

@@ -13,10 +13,12 @@ import pytest
 import tiny_models
 import tiny_run
 import torch
+import yaml
 from peft import get_peft_model
 from safetensors.torch import load_file
 
 from peft_doubter import DoubterConfig, cli
+from peft_doubter.cli.options import apply_recipe, given
 from peft_doubter.data.collection import CollectConfig, load_cache
 from peft_doubter.data.prompts import LETTERS, PromptConfig
 from peft_doubter.data.sequences import tokenize_example
@@ -27,7 +29,7 @@ from peft_doubter.evaluation.report import EvaluationReport
 from peft_doubter.names import CHECKPOINTS_DIR, PREFIX_STATES_DIR
 from peft_doubter.runs import stages
 from peft_doubter.runs.ask import ask
-from peft_doubter.runs.manifest import read_manifest
+from peft_doubter.runs.manifest import build_doubter_config, read_manifest
 from peft_doubter.training.config import DoubterSFTConfig
 from peft_doubter.training.targets import choose_target
 from peft_doubter.training.trainer import DoubterTrainer, is_fast_parameter, pretrain_projectors
@@ -320,6 +322,28 @@ def test_training_script_under_accelerate_launch_with_two_cpu_processes(workspac
     assert manifest["train"]["metrics"]["epoch"] == 1.0
     assert any(entry.get("step") == steps for entry in manifest["train"]["log_history"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "trainers" / "recipes").glob("*.yaml")),
+                         ids=lambda path: path.stem)
+def test_recipes_parse_into_valid_configs(recipe, tmp_path):
+    """Every recipe's options exist and build valid configs (a typo or a bad combination fails here, not after a
+    collection)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_train_script", recipe.parents[1] / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    parser = script.build_parser()
+    apply_recipe(parser, recipe)
+    args = parser.parse_args(["--run-dir", str(tmp_path / "run")])
+    options = {dest.split(".", 1)[-1] for dest in vars(args)}
+    assert set(yaml.safe_load(recipe.read_text())) <= options, "every recipe key is an option"
+    build_doubter_config(given(args, "doubter", parser))
+    CollectConfig(**given(args, "collect", parser))
+    PromptConfig(**given(args, "prompt", parser))
+    EvalConfig(**given(args, "eval", parser))
+    DoubterSFTConfig(output_dir=str(tmp_path / "out"), **given(args, "train", parser))
 
 
 def test_train_refuses_a_run_whose_manifest_names_another_base(workspace, tmp_path):

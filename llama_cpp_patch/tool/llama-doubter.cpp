@@ -4,7 +4,10 @@
 // encoder turns the pooled features into cognitive tokens, the KV cache is cleared, and pass 2 runs the prompt
 // with the cross-attention injected. The logits at the prompt's last position give the Doubter's decision
 // confidence (log-odds of not starting the refusal, as PyTorch's `decision_log_odds`), or, for a sidecar with the
-// `head` confidence, the head reads it from the cognitive tokens before pass 2. Then either pass 2 decodes
+// `head` confidence, the head reads it from the cognitive tokens before pass 2. A sidecar that reads the answer
+// (read_position 'answer') has pass 1 draft the base's own greedy answer first and reads the read layers at its
+// last token (the `attentive` encoder also at every token, with each step's log-probability, entropy and top-k
+// log-probabilities), as PyTorch's `DoubterModel.draft`. Then either pass 2 decodes
 // its own text greedily (AGC gain and dynamic refresh as the sidecar says), or, with --threshold, the reply is the
 // base's own greedy answer (decoded in pass 1, injection off) when the confidence reaches the threshold and the
 // refusal text otherwise. --no-doubter runs plain greedy generation from the same binary, for speed comparisons.
@@ -281,6 +284,9 @@ struct engine {
     std::string refusal;
     bool decision = false; // the sidecar's confidence is the decision (which this tool computes), not the ratio
     bool head = false;     // the sidecar's confidence is its head's (computed from the encoder alone, before pass 2)
+    bool reads_answer = false; // pass 1 reads the base's own draft answer, not the prompt
+    int  n_signals = 0;        // signals per answer token the encoder reads (0: it reads the answer's last token only)
+    int  max_draft = 0;        // the draft length the Doubter was trained with (answer reading without a threshold)
 
     const char * confidence_kind() const { return head ? "head" : decision ? "decision" : "ratio"; }
 
@@ -317,6 +323,9 @@ struct engine {
             refusal = llama_doubter_adapter_refusal_text(adapter);
             decision = llama_doubter_adapter_confidence(adapter) == LLAMA_DOUBTER_CONFIDENCE_DECISION;
             head     = llama_doubter_adapter_confidence(adapter) == LLAMA_DOUBTER_CONFIDENCE_HEAD;
+            reads_answer = llama_doubter_adapter_read_position(adapter) == LLAMA_DOUBTER_READ_ANSWER;
+            n_signals    = llama_doubter_adapter_n_signals(adapter);
+            max_draft    = llama_doubter_adapter_max_draft_tokens(adapter);
             for (int i = 0; i < n_read; i++) {
                 read_layers.push_back(llama_doubter_adapter_read_layer(adapter, i));
             }
@@ -362,11 +371,37 @@ struct engine {
         return std::log(-std::expm1(refuse)) - refuse;
     }
 
+    // The signals of choosing `id` at the current last-position logits, as PyTorch's `token_signals`: its
+    // log-probability, the entropy, and the top-k log-probabilities (k = n_signals - 2)
+    void token_signals(llama_token id, std::vector<float> & out) const {
+        const float * logits = llama_get_logits_ith(ctx, -1);
+        const int n_vocab = llama_vocab_n_tokens(vocab);
+        const double max = *std::max_element(logits, logits + n_vocab);
+        double sum = 0.0, weighted = 0.0; // sum of e_i = exp(l_i - max), and of e_i (l_i - max)
+        for (int i = 0; i < n_vocab; i++) {
+            const double shifted = logits[i] - max;
+            const double e = std::exp(shifted);
+            sum += e;
+            weighted += e*shifted;
+        }
+        const double lse = max + std::log(sum);
+        const double entropy = std::log(sum) - weighted/sum; // -sum p_i log p_i
+        std::vector<float> top(n_signals - 2);
+        std::partial_sort_copy(logits, logits + n_vocab, top.begin(), top.end(), std::greater<float>());
+        out.push_back((float) (logits[id] - lse));
+        out.push_back((float) entropy);
+        for (const float t : top) {
+            out.push_back((float) (t - lse));
+        }
+    }
+
     // Greedy decoding from the current logits at position n_pos until n_predict tokens, an end-of-generation token
     // or a stop string (a token whose text holds a stop string is not kept; a stop string across tokens cuts the
-    // text before it). `each_step` runs before every forward. Returns the number of forward passes.
-    int greedy(const request & r, int n_pos, std::vector<llama_token> & kept, std::string & text,
-               const std::function<void()> & before, const std::function<void()> & after) {
+    // text before it). `before` and `after` run around every forward; `signals`, when given, receives each kept
+    // token's `token_signals`. Returns the number of forward passes.
+    int greedy(const request & r, int n_predict, int n_pos, std::vector<llama_token> & kept, std::string & text,
+               const std::function<void()> & before, const std::function<void()> & after,
+               std::vector<float> * signals = nullptr) {
         int n_forward = 0;
         while (true) {
             const llama_token id = llama_sampler_sample(smpl, ctx, -1);
@@ -380,6 +415,9 @@ struct engine {
                 break;
             }
             kept.push_back(id);
+            if (signals) {
+                token_signals(id, *signals);
+            }
             text += piece;
             bool stopped = false;
             for (const auto & s : r.stop) {
@@ -389,7 +427,7 @@ struct engine {
                     stopped = true;
                 }
             }
-            if (stopped || (int) kept.size() >= r.n_predict) {
+            if (stopped || (int) kept.size() >= n_predict) {
                 break;
             }
             before();
@@ -421,12 +459,14 @@ struct engine {
         }
         const std::vector<llama_token> prompt = tokenize(vocab, r.prompt, true);
         const int n_prompt = (int) prompt.size();
-        if (n_prompt + r.n_predict > n_ctx) {
+        const int n_draft_max = reads_answer && std::isnan(r.threshold) ? max_draft : 0; // the reading's own draft
+        if (n_prompt + std::max(r.n_predict, n_draft_max) > n_ctx) {
             throw std::runtime_error("the prompt has " + std::to_string(n_prompt) + " tokens and n_predict asks for " +
                                      std::to_string(r.n_predict) + " more, but the context is " + std::to_string(n_ctx) + " tokens");
         }
         const bool dump = !r.dump_dir.empty();
         const bool thresholded = !std::isnan(r.threshold);
+        const bool drafting = thresholded || reads_answer; // pass 1 drafts the base's own answer
         llama_memory_clear(llama_get_memory(ctx), true);
         if (adapter && llama_doubter_set_inject(ctx, false) != 0) {
             throw std::runtime_error("failed to switch the injection off");
@@ -459,8 +499,12 @@ struct engine {
             cap.start();
             const int64_t t0 = ggml_time_us();
             decode(prompt.data(), n_prompt, 0, all_out, "pass 1");
-            cap.active = false;
+            cap.active = reads_answer; // answer reading: the read layers are read on through the draft
             const int64_t t1 = ggml_time_us();
+            std::vector<size_t> prompt_rows; // rows each read layer gave for the prompt (1 for the final layer)
+            for (int il : read_layers) {
+                prompt_rows.push_back(cap.rows("l_out-" + std::to_string(il)).size()/n_embd);
+            }
 
             feats.assign((size_t) n_read*n_feat, 0.0f);
             for (int r_i = 0; r_i < n_read; r_i++) {
@@ -484,19 +528,57 @@ struct engine {
                     }
                 }
             }
+            std::vector<float> states, signals; // answer reading: (n_answer, n_read, n_embd) and (n_answer, n_signals)
+            if (drafting) { // the base's own answer, continuing pass 1 with the injection off
+                const int n_draft = thresholded ? r.n_predict : max_draft;
+                greedy(r, n_draft, n_prompt, draft, draft_text, [] {}, [] {}, reads_answer && n_signals > 0 ? &signals : nullptr);
+            }
+            if (reads_answer) {
+                // a token's states are read when it is consumed: consume the last kept one if the draft stopped
+                // at its length (as PyTorch's draft decodes one step past it)
+                const size_t n_consumed = cap.rows("l_out-" + std::to_string(read_layers[0])).size()/n_embd - prompt_rows[0];
+                if (n_consumed < draft.size()) {
+                    decode(&draft.back(), 1, n_prompt + (int) draft.size() - 1, false, "reading the draft");
+                }
+                cap.active = false;
+                const size_t n_answer = draft.size();
+                for (int r_i = 0; r_i < n_read && n_answer > 0; r_i++) {
+                    const auto & v = cap.rows("l_out-" + std::to_string(read_layers[r_i]));
+                    if (v.size()/n_embd != prompt_rows[r_i] + n_answer) {
+                        throw std::runtime_error("the draft read " + std::to_string(v.size()/n_embd - prompt_rows[r_i]) + " rows of layer " +
+                                                 std::to_string(read_layers[r_i]) + " for " + std::to_string(n_answer) + " answer tokens");
+                    }
+                    const float * last = v.data() + (prompt_rows[r_i] + n_answer - 1)*n_embd; // the answer's last token
+                    std::copy(last, last + n_embd, feats.data() + (size_t) r_i*n_feat);
+                }
+                if (n_signals > 0) {
+                    states.assign(n_answer*n_read*n_embd, 0.0f);
+                    for (size_t l = 0; l < n_answer; l++) {
+                        for (int r_i = 0; r_i < n_read; r_i++) {
+                            const float * row = cap.rows("l_out-" + std::to_string(read_layers[r_i])).data() + (prompt_rows[r_i] + l)*n_embd;
+                            std::copy(row, row + n_embd, states.data() + (l*n_read + r_i)*n_embd);
+                        }
+                    }
+                }
+            }
             if (dump) {
                 for (const auto & [name, v] : cap.data) {
                     write_npy(r.dump_dir + "/pass1_" + name + ".npy", v, n_embd);
                 }
                 write_npy(r.dump_dir + "/features.npy", feats, n_feat);
-            }
-            if (thresholded) { // the base's own answer, continuing pass 1 with the injection off
-                greedy(r, n_prompt, draft, draft_text, [] {}, [] {});
+                if (n_signals > 0) {
+                    write_npy(r.dump_dir + "/answer_states.npy", states, n_embd);
+                    write_npy(r.dump_dir + "/token_signals.npy", signals, n_signals);
+                }
             }
             const int64_t t2 = ggml_time_us();
 
             tokens.assign((size_t) n_tok*n_embd, 0.0f);
-            if (llama_doubter_encode(ctx, feats.data(), feats.size(), tokens.data()) != 0) {
+            const int rc = reads_answer
+                ? llama_doubter_encode_answer(ctx, feats.data(), feats.size(), states.empty() ? nullptr : states.data(),
+                                              signals.empty() ? nullptr : signals.data(), (int32_t) draft.size(), tokens.data())
+                : llama_doubter_encode(ctx, feats.data(), feats.size(), tokens.data());
+            if (rc != 0) {
                 throw std::runtime_error("the Doubter encoder failed");
             }
             if (head) { // the head's confidence needs the encoder only
@@ -626,7 +708,7 @@ struct engine {
             generated = answer ? draft : std::vector<llama_token>();
             text      = answer ? draft_text : refusal;
         } else {
-            n_decode = greedy(r, n_prompt, generated, text,
+            n_decode = greedy(r, r.n_predict, n_prompt, generated, text,
                 [&] { if (adapter) { llama_doubter_set_alpha(ctx, llama_doubter_adapter_agc_alpha(adapter, step)); cap.start(); } },
                 [&] { if (adapter) { after_forward(true); } });
         }
@@ -652,8 +734,8 @@ struct engine {
         out["log_odds"]      = log_odds;
         out["threshold"]     = thresholded ? json(r.threshold) : json(nullptr);
         out["refusal_token"] = refusal_tok;
-        out["draft"]         = thresholded ? json(draft_text) : json(nullptr);
-        out["draft_tokens"]  = thresholded ? json(draft) : json(nullptr);
+        out["draft"]         = drafting ? json(draft_text) : json(nullptr);
+        out["draft_tokens"]  = drafting ? json(draft) : json(nullptr);
         out["n_prompt"]      = n_prompt;
         out["n_gen"]         = generated.size();
         out["n_refresh"]     = n_refresh;
@@ -791,7 +873,8 @@ int main(int argc, char ** argv) {
                                          std::to_string(p.req.n_predict) + " more, but the model's context is " +
                                          std::to_string(n_ctx_train) + " tokens");
             }
-            engine eng(model, adapter, n_prompt + p.req.n_predict, p.n_threads);
+            const int n_draft = adapter ? llama_doubter_adapter_max_draft_tokens(adapter) : 0; // answer reading's draft
+            engine eng(model, adapter, n_prompt + std::max(p.req.n_predict, n_draft), p.n_threads);
             const json out = eng.run(p.req);
             if (p.json_out) {
                 printf("%s\n", dumped(out).c_str());

@@ -33,6 +33,10 @@ CONFIDENCES = ("decision", "ratio", "head")
 SIDECAR_CONFIDENCES = ("decision", "ratio", "head")  # those a llama.cpp sidecar holds
 TOOL_CONFIDENCES = ("decision", "head")  # those llama.cpp computes (and thresholds)
 LAYER_SPEC_WORDS = ("all", "late")
+# what pass 1 records per token of the base's own answer (read_position='answer'), in this column order
+TOP_K_SIGNALS = 4  # top-k log-probabilities kept per answer token
+TOKEN_SIGNALS = ("logprob", "entropy", *(f"top{k + 1}" for k in range(TOP_K_SIGNALS)))
+SIGNAL_LIMIT = 50.0  # the encoder clips token signals (log-probabilities and entropies) to +-50 nats
 
 # --------------------------------------------------------------------------------------------------- the agent
 AGENT_ACTIONS = ("answer", "lookup_answer", "decline")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,10 +53,10 @@ def converter(name: str, annotation: Any) -> Optional[Callable[[str], Any]]:
     if name in LAYER_FIELDS:
         return parse_layers
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union and type(None) in args:
+    if origin in (typing.Union, types.UnionType):  # Optional[X], or e.g. `OptimizerNames | str` (a name)
         inner = [a for a in args if a is not type(None)]
-        convert = converter(name, inner[0]) if len(inner) == 1 else None
-        return _optional(convert) if convert else None
+        convert = str if str in inner else converter(name, inner[0]) if len(inner) == 1 else None
+        return _optional(convert) if convert and type(None) in args else convert
     if origin is typing.Literal:
         return str
     if annotation is bool:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..names import CACHE_MANIFEST
+from ..names import CACHE_MANIFEST, TOKEN_SIGNALS
 from ..paths import read_json, write_json
 from ..tuner import backbone
-from ..tuner.capture import TOKEN_SIGNALS, position_ids_from_mask
+from ..tuner.capture import position_ids_from_mask
 from ..tuner.generation import Draft
 from .prompts import LETTERS, PromptConfig, build_prompt, first_line, score_cloze_options
 from .scoring import ContainmentJudge, ExactMatchJudge, Judge, LocalModelJudge

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..tuner.capture import TOKEN_SIGNALS, Reading
+from ..names import TOKEN_SIGNALS
+from ..tuner.capture import Reading
 
 
 def tokenize_example(tokenizer, prompt: str, target: str, chat: bool) -> dict[str, list[int]]:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 from typing_extensions import Self
 
+from ..names import READ_POSITIONS
 from ..paths import asset_dir
 
 
@@ -127,7 +128,10 @@ class LlamaCpp:
             "llama_doubter_adapter_n_feat": ([p], i32),
             "llama_doubter_adapter_n_tokens": ([p], i32),
             "llama_doubter_adapter_agc_alpha": ([p, i32], ctypes.c_float),
+            "llama_doubter_adapter_read_position": ([p], ctypes.c_int),
+            "llama_doubter_adapter_n_signals": ([p], i32),
             "llama_doubter_adapter_encode": ([p, _FLOATS, size, _FLOATS, size, i32], i32),
+            "llama_doubter_adapter_encode_answer": ([p, _FLOATS, size, _FLOATS, _FLOATS, i32, _FLOATS, size, i32], i32),
             "llama_doubter_adapter_head_log_odds": ([p, _FLOATS, size, _FLOATS, i32], i32),
             "llama_doubter_adapter_apply_ca": ([p, i32, _FLOATS, size, _FLOATS, i32, ctypes.c_float, _FLOATS, i32],
                                                i32),
@@ -191,6 +195,8 @@ class Sidecar:
         self.n_read = lib.llama_doubter_adapter_n_read(handle)
         self.n_feat = lib.llama_doubter_adapter_n_feat(handle)
         self.n_tokens = lib.llama_doubter_adapter_n_tokens(handle)
+        self.read_position = READ_POSITIONS[lib.llama_doubter_adapter_read_position(handle)]
+        self.n_signals = lib.llama_doubter_adapter_n_signals(handle)
         self.inject_layers = [lib.llama_doubter_adapter_inject_layer(handle, i)
                               for i in range(lib.llama_doubter_adapter_n_inject(handle))]
 
@@ -205,6 +211,25 @@ class Sidecar:
         tokens = np.empty((self.n_tokens, self.model.n_embd), dtype=np.float32)
         if self._lib.llama_doubter_adapter_encode(self.handle, _floats(features), features.size, _floats(tokens),
                                                   tokens.size, threads):
+            raise RuntimeError(f"llama.cpp encoder failed: {self.model.llama._take_errors()}")
+        return tokens
+
+    def encode_answer(self, features: np.ndarray, answer_states: np.ndarray, token_signals: np.ndarray,
+                      threads: int = 1) -> np.ndarray:
+        """An answer reading -> cognitive tokens (T, H): features (R, D_in) at the answer's last token, and every
+        answer token's raw read-layer states (L, R, H) and signals (L, S); L may be 0."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        states = np.ascontiguousarray(answer_states, dtype=np.float32)
+        signals = np.ascontiguousarray(token_signals, dtype=np.float32)
+        n_answer = len(states)
+        if (features.shape != (self.n_read, self.n_feat) or states.shape != (n_answer, self.n_read, self.model.n_embd)
+                or signals.shape != (n_answer, self.n_signals)):
+            raise ValueError(f"features must be {(self.n_read, self.n_feat)}, answer_states (L, {self.n_read}, "
+                             f"{self.model.n_embd}) and token_signals (L, {self.n_signals}).")
+        tokens = np.empty((self.n_tokens, self.model.n_embd), dtype=np.float32)
+        if self._lib.llama_doubter_adapter_encode_answer(self.handle, _floats(features), features.size,
+                                                         _floats(states), _floats(signals), n_answer,
+                                                         _floats(tokens), tokens.size, threads):
             raise RuntimeError(f"llama.cpp encoder failed: {self.model.llama._take_errors()}")
         return tokens
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..names import SIGNAL_LIMIT
 from .sidecar_format import TRANSFORMER_BLOCKS, expected_shapes
 
 
@@ -77,10 +78,9 @@ def pool(hidden: Sequence[np.ndarray], pooling: str) -> np.ndarray:
     return np.stack(rows)
 
 
-def encode(weights: Weights, metadata: Mapping[str, Any], features: np.ndarray) -> np.ndarray:
-    """Cognitive encoder: pooled features (R, D_in) -> cognitive tokens (T, H)."""
-    eps, heads = float(metadata["layer_norm_eps"]), int(metadata["ca_num_heads"])
-    x = np.asarray(features, dtype=np.float64)
+def _project(weights: Weights, metadata: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
+    """Gated per-read-layer projections: (R, D_in) -> (R, b)."""
+    eps = float(metadata["layer_norm_eps"])
     z = []
     for r in range(len(metadata["read_layers"])):
         p = f"encoder.projectors.{r}."
@@ -93,7 +93,37 @@ def encode(weights: Weights, metadata: Mapping[str, Any], features: np.ndarray) 
         else:
             gate = math.tanh(_w(weights, "encoder.gates")[r])
         z.append(gate * h)
-    z = np.stack(z)  # (R, b)
+    return np.stack(z)
+
+
+def pool_answer(weights: Weights, metadata: Mapping[str, Any], answer_states: np.ndarray,
+                token_signals: np.ndarray) -> np.ndarray:
+    """The `attentive` encoder's answer tokens (Q, b): learned queries attending over a null token and each answer
+    token's mean gated projection of its read-layer states (each divided by its RMS) plus a projection of its
+    signals (clipped to +-SIGNAL_LIMIT) and a position embedding. `answer_states` (L, R, H) are the raw states,
+    `token_signals` (L, S); L may be 0."""
+    p = "encoder.answer_pooling."
+    states = np.asarray(answer_states, dtype=np.float64)
+    signals = np.clip(np.asarray(token_signals, dtype=np.float64), -SIGNAL_LIMIT, SIGNAL_LIMIT)
+    keys = [_w(weights, p + "null").reshape(1, -1)]
+    if len(states):
+        states = states / np.maximum(np.sqrt((states**2).mean(-1, keepdims=True)), 1e-6)
+        tokens = np.stack([_project(weights, metadata, state).mean(0) for state in states])  # (L, b)
+        hidden = gelu(signals @ _w(weights, p + "signals.0.weight").T + _w(weights, p + "signals.0.bias"))
+        position = _w(weights, p + "position.weight")
+        rows = np.minimum(np.arange(len(states)), len(position) - 1)
+        keys.append(tokens + hidden @ _w(weights, p + "signals.2.weight").T + _w(weights, p + "signals.2.bias")
+                    + position[rows])
+    return multihead_attention(weights, p + "attention.", _w(weights, p + "queries"), np.concatenate(keys),
+                               int(metadata["ca_num_heads"]))
+
+
+def encode(weights: Weights, metadata: Mapping[str, Any], features: np.ndarray,
+           answer_states: np.ndarray | None = None, token_signals: np.ndarray | None = None) -> np.ndarray:
+    """Cognitive encoder: pooled features (R, D_in) -> cognitive tokens (T, H); the `attentive` encoder also reads
+    the answer's raw states (L, R, H) and signals (L, S) (`pool_answer`)."""
+    eps, heads = float(metadata["layer_norm_eps"]), int(metadata["ca_num_heads"])
+    z = _project(weights, metadata, np.asarray(features, dtype=np.float64))  # (R, b)
     if metadata["encoder_type"] == "transformer":
         for k in range(TRANSFORMER_BLOCKS):
             p = f"encoder.blocks.{k}."
@@ -104,6 +134,10 @@ def encode(weights: Weights, metadata: Mapping[str, Any], features: np.ndarray) 
             z = z + y @ _w(weights, p + "linear2.weight").T + _w(weights, p + "linear2.bias")
     elif metadata["encoder_type"] == "multi_token":
         z = multihead_attention(weights, "encoder.query_attn.", _w(weights, "encoder.queries"), z, heads)  # (T, b)
+    elif metadata["encoder_type"] == "attentive":
+        if answer_states is None or token_signals is None:
+            raise ValueError("The attentive encoder reads the answer: pass answer_states and token_signals.")
+        z = np.concatenate([z, pool_answer(weights, metadata, answer_states, token_signals)])  # (R + Q, b)
     c = layer_norm(z, _w(weights, "encoder.output.norm.weight"), _w(weights, "encoder.output.norm.bias"), eps)
     c = gelu(c @ _w(weights, "encoder.output.fc1.weight").T + _w(weights, "encoder.output.fc1.bias"))
     c = c @ _w(weights, "encoder.output.fc2.weight").T + _w(weights, "encoder.output.fc2.bias")

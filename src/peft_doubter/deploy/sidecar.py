@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from ..names import POOLINGS, SIDECAR_CONFIDENCES, SIDECAR_FILE
+from ..names import POOLINGS, READ_POSITIONS, SIDECAR_CONFIDENCES, SIDECAR_FILE
 from ..paths import fetch_file
 from .sidecar_format import (
     ADAPTER_TYPE,
+    ANSWER_READING_POOLING,
     GENERAL_TYPE,
     KEY_ADAPTER_TYPE,
     KEY_GENERAL_ARCHITECTURE,
@@ -21,6 +22,7 @@ from .sidecar_format import (
     LEGACY_DEFAULTS,
     META_KEYS,
     SIDECAR_ENCODERS,
+    conditional_keys,
     expected_shapes,
     llama_cpp_arch,
     to_canonical_name,
@@ -35,8 +37,9 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(metadata) - known)
     if unknown:
         raise ValueError(f"Unknown sidecar metadata fields {unknown}; known: {sorted(known)}.")
-    missing = sorted(m.field for m in META_KEYS if m.required and m.field not in metadata
-                     and m.field != "num_cognitive_tokens")
+    required = {m.field for m in META_KEYS if m.required} - {"num_cognitive_tokens"}
+    required |= set(conditional_keys(metadata.get("read_position"), metadata.get("encoder_type")))
+    missing = sorted(required - set(metadata))
     if missing:
         raise ValueError(f"Missing sidecar metadata fields {missing}.")
     meta: dict[str, Any] = {}
@@ -52,7 +55,7 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(metadata[field], (bool, np.bool_)):
             raise ValueError(f"`{field}` must be a bool, got {metadata[field]!r}.")  # noqa: TRY004 (a bad value in a file)
         meta[field] = bool(metadata[field])
-    for field in ("base_architecture", "encoder_type", "pooling", "refusal_text", "confidence"):
+    for field in ("base_architecture", "encoder_type", "pooling", "refusal_text", "confidence", "read_position"):
         if not isinstance(metadata[field], str) or not metadata[field]:
             raise ValueError(f"`{field}` must be a non-empty string, got {metadata[field]!r}.")
         meta[field] = metadata[field]
@@ -65,6 +68,18 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
                          f"got {meta['confidence']!r}.")
     if meta["pooling"] not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {meta['pooling']!r}.")
+    if meta["read_position"] not in READ_POSITIONS:
+        raise ValueError(f"`read_position` must be one of {READ_POSITIONS}, got {meta['read_position']!r}.")
+    if meta["read_position"] == "answer" and meta["pooling"] != ANSWER_READING_POOLING:
+        raise ValueError(f"A sidecar that reads the answer needs pooling={ANSWER_READING_POOLING!r} (llama.cpp reads "
+                         f"the answer as its draft goes), got {meta['pooling']!r}.")
+    if meta["encoder_type"] == "attentive" and meta["read_position"] != "answer":
+        raise ValueError("encoder_type='attentive' pools the answer's tokens: it needs read_position='answer'.")
+    for field in conditional_keys(meta["read_position"], meta["encoder_type"]):
+        value = metadata[field]
+        if isinstance(value, bool) or int(value) != value or int(value) < 1:
+            raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
+        meta[field] = int(value)
     for field in ("read_layers", "inject_layers"):
         layers = [int(i) for i in metadata[field]]
         if not layers or len(set(layers)) != len(layers) or not all(0 <= i < meta["n_layer"] for i in layers):
@@ -72,7 +87,12 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
                              f"got {list(metadata[field])!r}.")
         meta[field] = layers
     n_read, tokens = len(meta["read_layers"]), metadata.get("num_cognitive_tokens")
-    if meta["encoder_type"] == "multi_token":
+    if meta["encoder_type"] == "attentive":
+        if tokens not in (None, n_read + meta["answer_tokens"]):
+            raise ValueError(f"`num_cognitive_tokens` ({tokens}) must equal the read layers plus `answer_tokens` "
+                             f"({n_read + meta['answer_tokens']}) for encoder_type='attentive'.")
+        meta["num_cognitive_tokens"] = n_read + meta["answer_tokens"]
+    elif meta["encoder_type"] == "multi_token":
         if tokens is None or int(tokens) < 1:
             raise ValueError(f"`num_cognitive_tokens` must be a positive integer for multi_token, got {tokens!r}.")
         meta["num_cognitive_tokens"] = int(tokens)
@@ -233,6 +253,17 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     return tensors, meta
 
 
+def not_exportable(config: Any) -> str | None:
+    """Why a Doubter with this `DoubterConfig` has no llama.cpp implementation, or None when it exports."""
+    if config.confidence not in SIDECAR_CONFIDENCES:
+        return (f"confidence={config.confidence!r} has no llama.cpp implementation yet: the sidecar holds Doubters "
+                f"with the confidences {SIDECAR_CONFIDENCES}.")
+    if config.read_position == "answer" and config.pooling != ANSWER_READING_POOLING:
+        return (f"read_position='answer' with pooling={config.pooling!r} has no llama.cpp implementation: llama.cpp "
+                f"reads the answer as its draft goes, with pooling={ANSWER_READING_POOLING!r}.")
+    return None
+
+
 def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The canonical tensors and sidecar metadata of a Doubter adapter attached to its base (a `PeftModel`)."""
     from ..tuner import backbone
@@ -241,12 +272,9 @@ def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[d
     adapter = adapter_name or peft_model.active_adapter
     doubter = peft_model.base_model
     config = peft_model.peft_config[adapter]
-    if config.read_position != "prompt":
-        raise ValueError(f"read_position={config.read_position!r} has no llama.cpp implementation yet: the sidecar "
-                         "holds Doubters that read the prompt.")
-    if config.confidence not in SIDECAR_CONFIDENCES:
-        raise ValueError(f"confidence={config.confidence!r} has no llama.cpp implementation yet: the sidecar holds "
-                         f"Doubters with the confidences {SIDECAR_CONFIDENCES}.")
+    reason = not_exportable(config)
+    if reason:
+        raise ValueError(reason)
     plan = doubter._plans[adapter]
     tensors = {f"encoder.{k}": v.detach().float().cpu().numpy()
                for k, v in doubter.doubter_encoder[adapter].state_dict().items()}
@@ -266,8 +294,10 @@ def doubter_tensors(peft_model: Any, adapter_name: str | None = None) -> tuple[d
         **{name: getattr(config, name) for name in (
             "encoder_type", "pooling", "encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads", "ca_scale_by_rms",
             "dynamic_gates", "layer_norm_eps", "agc_enabled", "agc_floor", "agc_tau", "dynamic_refresh",
-            "refresh_threshold", "refresh_interval", "refusal_text", "confidence")},
+            "refresh_threshold", "refresh_interval", "refusal_text", "confidence", "read_position")},
     }
+    metadata.update({name: getattr(config, name) for name in conditional_keys(config.read_position,
+                                                                              config.encoder_type)})
     return tensors, metadata
 
 

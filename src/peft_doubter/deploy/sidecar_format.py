@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..names import ENCODER_TYPES, POOLINGS, SIDECAR_CONFIDENCES
+from ..names import ENCODER_TYPES, POOLINGS, READ_POSITIONS, SIDECAR_CONFIDENCES, SIGNAL_LIMIT, TOKEN_SIGNALS
 
 
 # general keys, as in llama.cpp's LoRA adapters
@@ -24,9 +24,10 @@ GENERAL_TYPE = "adapter"
 ADAPTER_TYPE = "doubter"
 KEY_PREFIX = "adapter.doubter."
 
-# The encoders the llama.cpp loader implements: every encoder but `attentive`, whose pass 1 reads every token of the
-# base's own answer (the C++ tool reads the prompt).
-SIDECAR_ENCODERS = tuple(kind for kind in ENCODER_TYPES if kind != "attentive")
+SIDECAR_ENCODERS = ENCODER_TYPES  # the llama.cpp loader implements every encoder
+# read_position='answer' sidecars read the answer's last token (`last` pooling only, as pass 1 drafts it); the
+# `attentive` encoder also every answer token's states and TOKEN_SIGNALS
+ANSWER_READING_POOLING = "last"
 TRANSFORMER_BLOCKS = 2  # self-attention blocks of the `transformer` encoder
 
 # HF `model_type` -> llama.cpp architecture name (the only table of it); each llama.cpp graph builder of these
@@ -84,11 +85,27 @@ META_KEYS = (
     # the confidence the Doubter was trained and evaluated with (`names.SIDECAR_CONFIDENCES`); llama.cpp computes
     # `decision` and `head`
     MetaKey("confidence", "str"),
+    # what pass 1 reads (`names.READ_POSITIONS`): the prompt, or the base's own greedy answer (read as `prompt` from
+    # files written before it existed)
+    MetaKey("read_position", "str"),
+    # read_position='answer' only: the draft's length (and the `attentive` encoder's position embedding rows)
+    MetaKey("max_draft_tokens", "u32", required=False),
+    # the `attentive` encoder only: the queries pooling the answer's tokens
+    MetaKey("answer_tokens", "u32", required=False),
     MetaKey("base_fingerprint", "str", required=False),  # JSON text
 )
 META_BY_FIELD = {m.field: m for m in META_KEYS}
-# values for required keys that older sidecars lack, used only when reading (the llama.cpp loader still requires them)
-LEGACY_DEFAULTS = {"ca_scale_by_rms": False, "confidence": "ratio"}
+
+
+def conditional_keys(read_position: str, encoder_type: str) -> tuple[str, ...]:
+    """The optional metadata fields a sidecar with this reading and encoder must hold."""
+    return (("max_draft_tokens",) if read_position == "answer" else ()) + (
+        ("answer_tokens",) if encoder_type == "attentive" else ())
+
+
+# values for required keys that older sidecars lack, used only when reading (the llama.cpp loader reads the same
+# defaults)
+LEGACY_DEFAULTS = {"ca_scale_by_rms": False, "confidence": "ratio", "read_position": "prompt"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,17 @@ TENSOR_NAMES = (
     TensorName("ENC_OUT_FC2_B", "encoder.output.fc2.bias", "dbt.enc.out.fc2.b"),
     TensorName("ENC_OUTPUT_NORM_W", "encoder.output_norm.weight", "dbt.enc.onorm.w"),
     TensorName("ENC_OUTPUT_NORM_B", "encoder.output_norm.bias", "dbt.enc.onorm.b"),
+    TensorName("ENC_ANS_SIG1_W", "encoder.answer_pooling.signals.0.weight", "dbt.enc.ans.sig1.w"),
+    TensorName("ENC_ANS_SIG1_B", "encoder.answer_pooling.signals.0.bias", "dbt.enc.ans.sig1.b"),
+    TensorName("ENC_ANS_SIG2_W", "encoder.answer_pooling.signals.2.weight", "dbt.enc.ans.sig2.w"),
+    TensorName("ENC_ANS_SIG2_B", "encoder.answer_pooling.signals.2.bias", "dbt.enc.ans.sig2.b"),
+    TensorName("ENC_ANS_POS", "encoder.answer_pooling.position.weight", "dbt.enc.ans.pos"),
+    TensorName("ENC_ANS_QUERIES", "encoder.answer_pooling.queries", "dbt.enc.ans.q"),
+    TensorName("ENC_ANS_NULL", "encoder.answer_pooling.null", "dbt.enc.ans.null"),
+    TensorName("ENC_ANS_QKV_W", "encoder.answer_pooling.attention.in_proj_weight", "dbt.enc.ans.qkv.w"),
+    TensorName("ENC_ANS_QKV_B", "encoder.answer_pooling.attention.in_proj_bias", "dbt.enc.ans.qkv.b"),
+    TensorName("ENC_ANS_OUT_W", "encoder.answer_pooling.attention.out_proj.weight", "dbt.enc.ans.o.w"),
+    TensorName("ENC_ANS_OUT_B", "encoder.answer_pooling.attention.out_proj.bias", "dbt.enc.ans.o.b"),
     TensorName("ENC_CONF_HEAD_W", "encoder.confidence_head.weight", "dbt.enc.conf.w"),
     TensorName("ENC_CONF_HEAD_B", "encoder.confidence_head.bias", "dbt.enc.conf.b"),
     TensorName("CA_NORM_W", "ca.{l}.norm.weight", "dbt.ca.{l}.ln.w"),
@@ -194,9 +222,12 @@ def feature_dim(metadata: Mapping[str, Any]) -> int:
 
 
 def token_count(metadata: Mapping[str, Any]) -> int:
-    """Number of cognitive tokens T: the read layers, or `num_cognitive_tokens` learned queries for multi_token."""
+    """Number of cognitive tokens T: the read layers (plus `answer_tokens` for attentive), or
+    `num_cognitive_tokens` learned queries for multi_token."""
     if metadata["encoder_type"] == "multi_token":
         return int(metadata["num_cognitive_tokens"])
+    if metadata["encoder_type"] == "attentive":
+        return len(metadata["read_layers"]) + int(metadata["answer_tokens"])
     return len(metadata["read_layers"])
 
 
@@ -225,6 +256,13 @@ def expected_shapes(metadata: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     elif metadata["encoder_type"] == "multi_token":
         shapes["encoder.queries"] = (n_tok, b)
         shapes.update({"encoder.query_attn." + n: s for n, s in attn.items()})
+    elif metadata["encoder_type"] == "attentive":
+        p = "encoder.answer_pooling."
+        shapes.update({p + "signals.0.weight": (b, len(TOKEN_SIGNALS)), p + "signals.0.bias": (b,),
+                       p + "signals.2.weight": (b, b), p + "signals.2.bias": (b,),
+                       p + "position.weight": (int(metadata["max_draft_tokens"]), b),
+                       p + "queries": (int(metadata["answer_tokens"]), b), p + "null": (1, 1, b)})
+        shapes.update({p + "attention." + n: s for n, s in attn.items()})
     shapes.update({"encoder.output.norm.weight": (b,), "encoder.output.norm.bias": (b,),
                    "encoder.output.fc1.weight": (hidden, b), "encoder.output.fc1.bias": (hidden,),
                    "encoder.output.fc2.weight": (hidden, hidden), "encoder.output.fc2.bias": (hidden,),
@@ -257,6 +295,8 @@ def c_header() -> str:
         define("VAL_GENERAL_TYPE", GENERAL_TYPE),
         define("VAL_ADAPTER_TYPE", ADAPTER_TYPE),
         define("TRANSFORMER_BLOCKS", TRANSFORMER_BLOCKS),
+        define("N_TOKEN_SIGNALS", len(TOKEN_SIGNALS)),
+        define("SIGNAL_LIMIT", SIGNAL_LIMIT),
         "",
     ]
     lines += [define("KV_" + m.field.upper(), m.key) for m in META_KEYS]
@@ -264,6 +304,7 @@ def c_header() -> str:
     lines += [define("NAME_ENCODER_" + t.upper(), t) for t in SIDECAR_ENCODERS]
     lines += [define("NAME_POOLING_" + p.upper(), p) for p in POOLINGS]
     lines += [define("NAME_CONFIDENCE_" + c.upper(), c) for c in SIDECAR_CONFIDENCES]
+    lines += [define("NAME_READ_POSITION_" + p.upper(), p) for p in READ_POSITIONS]
     lines.append("")
     lines.append("// tensor names: printf formats, %d = read-layer position {r}, block {k} or inject layer {l}")
     lines += [define("TN_" + t.macro, re.sub(r"\{[rkl]\}", "%d", t.gguf)) for t in TENSOR_NAMES]

@@ -23,6 +23,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
+from ..deploy.sidecar import not_exportable
 from ..evaluation.report import EvaluationReport
 from ..names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_MANIFEST, SIDECAR_FILE
 from ..paths import fetch_file
@@ -84,7 +85,7 @@ def _finished_run(run_dir: Union[str, os.PathLike], base_model: Optional[str], l
         raise FileNotFoundError(f"{run_dir / RUN_MANIFEST} records no trained adapter: {train_hint}.")
     adapter_dir = run_dir / manifest["adapter"]
     config = _check_adapter_dir(adapter_dir, train_hint)
-    if config.read_position == "prompt" and not (run_dir / SIDECAR_FILE).is_file():  # answer-reading: no llama.cpp
+    if not_exportable(config) is None and not (run_dir / SIDECAR_FILE).is_file():
         raise FileNotFoundError(
             f"No GGUF sidecar at {run_dir / SIDECAR_FILE}: run `peft-doubter export --run-dir {run_dir}` first."
         )

@@ -10,9 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-
-TOP_K_SIGNALS = 4  # top-k log-probabilities kept per answer token
-TOKEN_SIGNALS = ("logprob", "entropy", *(f"top{k + 1}" for k in range(TOP_K_SIGNALS)))
+from ..names import TOP_K_SIGNALS
 
 
 class StopForward(Exception):

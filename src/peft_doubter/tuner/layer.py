@@ -12,11 +12,9 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .capture import TOKEN_SIGNALS, Reading
+from ..names import SIGNAL_LIMIT, TOKEN_SIGNALS
+from .capture import Reading
 from .config import DoubterConfig
-
-
-SIGNAL_LIMIT = 50.0  # token signals are log-probabilities and entropies: clipped to +-50 nats
 
 
 @dataclass

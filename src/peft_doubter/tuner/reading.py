@@ -10,8 +10,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..names import TOKEN_SIGNALS
 from .capture import (
-    TOKEN_SIGNALS,
     Capture,
     Reading,
     hidden_of,
