@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -310,6 +312,11 @@ def test_run_card_shows_every_method_with_intervals_and_valid_metadata(run_dir):
     assert "![Risk–coverage curves of the Doubter and the baselines](eval/risk_coverage.png)" in text
     assert 'AutoPeftModelForCausalLM.from_pretrained("user/doubter-tiny")' in text and "import peft_doubter" in text
     assert f"hf download user/doubter-tiny {SIDECAR_NAME}" in text and '--sidecar "$SIDECAR"' in text
+    assert "--threshold" not in text, "no threshold was certified: the llama.cpp command writes two-pass text"
+    report.meta["calibrated"] = {"threshold": 0.812345}  # one was: the command answers or declines at it
+    certified = doubter_card(DoubterConfig(**CONFIG), "user/doubter-tiny", base_model_info("gemma-3-270m"),
+                             report=report, files={SIDECAR_NAME: "the sidecar"}).text
+    assert "--threshold 0.8123 -p" in certified and "threshold certified on the validation questions" in certified
     assert "Read layers: [2, 3]; inject layers: [2, 3] (of 4)" in text
     assert "train 200, val 40, test 60" in text and "`num_train_epochs` = 3" in text and "report_to" not in text
     assert "`k_shot` = 0" in text and "`judge` = \"exact_match\"" in text
@@ -321,11 +328,13 @@ def test_run_card_shows_every_method_with_intervals_and_valid_metadata(run_dir):
 ])
 def test_card_of_an_embedded_base_names_its_licence_and_loader(name, license, hub_id, package):
     config = DoubterConfig(**CONFIG)
-    card = doubter_card(config, "user/meta", base_model_info(name))
+    card = doubter_card(config, "user/meta", base_model_info(name), files={SIDECAR_NAME: "the sidecar"})
     assert card.data.license == license and card.data.base_model == hub_id
     assert card.data.eval_results is None and "**Not evaluated.**" in card.text
     assert f'load_base_model("{name}")' in card.text and 'load_doubter(base, "user/meta")' in card.text
     assert f"`{package}`" in card.text and "AutoPeftModelForCausalLM" not in card.text
+    for module in re.findall(r"from (peft_doubter[\w.]*) import", card.text):  # the card's snippets import
+        importlib.import_module(module)
     assert base_model_info(hub_id).license == license and base_model_info(hub_id).embedded is None
 
 

@@ -1,7 +1,7 @@
 """Pure-numpy reference of the Doubter's forward pass (float64 inside): the oracle for the llama.cpp port.
 
 Written from the math, not from the PyTorch modules. Weights are the sidecar's canonical-name dict and metadata
-(`peft_doubter.export.read_sidecar` returns both).
+(`peft_doubter.deploy.sidecar.read_sidecar` returns both).
 """
 
 from __future__ import annotations

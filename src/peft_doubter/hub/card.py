@@ -5,6 +5,7 @@ baseline with their intervals, usage and limitations, rendered from `hub_cards/d
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -189,7 +190,14 @@ def _evaluation_vars(report: EvaluationReport, dataset: str) -> tuple[dict, list
         "headline": headline,
         "report_markdown": _demote_headings(report.to_markdown().split("\n", 1)[1].strip()),
         "over_refusal": _over_refusal_text(report.text_behaviour.get(DOUBTER)),
+        "threshold": _certified_threshold(report),
     }, results
+
+
+def _certified_threshold(report: EvaluationReport) -> Optional[float]:
+    """The threshold Learn-then-Test certified on the validation questions, or None when it certified none."""
+    threshold = (report.meta.get("calibrated") or {}).get("threshold")
+    return round(float(threshold), 4) if threshold is not None and math.isfinite(threshold) else None
 
 
 def doubter_card(
