@@ -88,6 +88,14 @@ def score_fold(config, rows: list[dict], train_index: np.ndarray, test_index: np
             **{name: np.asarray(scores, dtype=float).tolist() for name, scores in baselines.items()}}
 
 
+def write_results(path: Path, results: dict, table: str) -> None:
+    """The results as `path` (JSON) and their table beside it (`.md`), and the table printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    path.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def summary_markdown(results: dict) -> str:
     methods = results["methods"]
     ensemble = ENSEMBLE in methods
@@ -188,10 +196,7 @@ def main() -> None:
                "epochs": args.epochs, "ensemble_seeds": ensemble_seeds, "base_accuracy": float(correct.mean()),
                "correct": correct.tolist(),
                "fold": folds.tolist(), "methods": methods}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    args.json.with_suffix(".md").write_text(summary_markdown(results))
-    print(summary_markdown(results))
+    write_results(args.json, results, summary_markdown(results))
 
 
 if __name__ == "__main__":

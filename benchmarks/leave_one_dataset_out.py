@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from crossfit_head import HEAD, head_log_odds, score_fold
+from crossfit_head import HEAD, head_log_odds, score_fold, write_results
 from tqdm.auto import tqdm
 
 from peft_doubter.data.collection import load_cache
@@ -122,10 +122,7 @@ def main() -> None:
                           "correct": truth.tolist(), "methods": methods}
     results = {"run_dirs": [str(p) for p in args.run_dirs], "reference": args.reference, "seed": args.seed,
                "epochs": args.epochs, "held_out": held_out}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    args.json.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(args.json, results, markdown(results))
 
 
 if __name__ == "__main__":

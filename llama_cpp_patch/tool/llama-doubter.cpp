@@ -542,22 +542,20 @@ struct engine {
                 }
                 cap.active = false;
                 const size_t n_answer = draft.size();
+                if (n_signals > 0) {
+                    states.assign(n_answer*n_read*n_embd, 0.0f);
+                }
                 for (int r_i = 0; r_i < n_read && n_answer > 0; r_i++) {
                     const auto & v = cap.rows("l_out-" + std::to_string(read_layers[r_i]));
                     if (v.size()/n_embd != prompt_rows[r_i] + n_answer) {
                         throw std::runtime_error("the draft read " + std::to_string(v.size()/n_embd - prompt_rows[r_i]) + " rows of layer " +
                                                  std::to_string(read_layers[r_i]) + " for " + std::to_string(n_answer) + " answer tokens");
                     }
-                    const float * last = v.data() + (prompt_rows[r_i] + n_answer - 1)*n_embd; // the answer's last token
+                    const float * answer = v.data() + prompt_rows[r_i]*n_embd; // the answer's rows of this layer
+                    const float * last = answer + (n_answer - 1)*n_embd;
                     std::copy(last, last + n_embd, feats.data() + (size_t) r_i*n_feat);
-                }
-                if (n_signals > 0) {
-                    states.assign(n_answer*n_read*n_embd, 0.0f);
-                    for (size_t l = 0; l < n_answer; l++) {
-                        for (int r_i = 0; r_i < n_read; r_i++) {
-                            const float * row = cap.rows("l_out-" + std::to_string(read_layers[r_i])).data() + (prompt_rows[r_i] + l)*n_embd;
-                            std::copy(row, row + n_embd, states.data() + (l*n_read + r_i)*n_embd);
-                        }
+                    for (size_t l = 0; l < n_answer && n_signals > 0; l++) {
+                        std::copy(answer + l*n_embd, answer + (l + 1)*n_embd, states.data() + (l*n_read + r_i)*n_embd);
                     }
                 }
             }

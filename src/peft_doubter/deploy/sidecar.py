@@ -37,14 +37,14 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(metadata) - known)
     if unknown:
         raise ValueError(f"Unknown sidecar metadata fields {unknown}; known: {sorted(known)}.")
-    required = {m.field for m in META_KEYS if m.required} - {"num_cognitive_tokens"}
-    required |= set(conditional_keys(metadata.get("read_position"), metadata.get("encoder_type")))
+    conditional = conditional_keys(metadata.get("read_position"), metadata.get("encoder_type"))
+    required = {m.field for m in META_KEYS if m.required} - {"num_cognitive_tokens"} | set(conditional)
     missing = sorted(required - set(metadata))
     if missing:
         raise ValueError(f"Missing sidecar metadata fields {missing}.")
     meta: dict[str, Any] = {}
     for field in ("n_embd", "n_layer", "encoder_bottleneck_dim", "ca_bottleneck_dim", "ca_num_heads",
-                  "refresh_interval"):
+                  "refresh_interval", *conditional):
         value = metadata[field]
         if isinstance(value, bool) or int(value) != value or int(value) < 1:
             raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
@@ -75,11 +75,6 @@ def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
                          f"the answer as its draft goes), got {meta['pooling']!r}.")
     if meta["encoder_type"] == "attentive" and meta["read_position"] != "answer":
         raise ValueError("encoder_type='attentive' pools the answer's tokens: it needs read_position='answer'.")
-    for field in conditional_keys(meta["read_position"], meta["encoder_type"]):
-        value = metadata[field]
-        if isinstance(value, bool) or int(value) != value or int(value) < 1:
-            raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
-        meta[field] = int(value)
     for field in ("read_layers", "inject_layers"):
         layers = [int(i) for i in metadata[field]]
         if not layers or len(set(layers)) != len(layers) or not all(0 <= i < meta["n_layer"] for i in layers):
