@@ -1,7 +1,7 @@
 """Cross-fitted comparison: every question of a collected run scored by models that never trained on it.
 
     python benchmarks/crossfit_head.py --run-dir RUNS/tqa-v2 --json results/triviaqa-v2/crossfit_head.json \
-        [--folds 5] [--seed 0]
+        [--folds 5] [--seed 0] [--no-option-signals]
 
 The run's questions (every split) are cut into `--folds` stratified folds. For each fold, the Doubter's encoder with
 its confidence head (`fit_confidence_head`, the run's Doubter settings with `encoder_type='attentive'`) is fit on the
@@ -76,10 +76,11 @@ def head_log_odds(config, rows: list[dict], train_index: np.ndarray, test_index:
 
 
 def score_fold(config, rows: list[dict], train_index: np.ndarray, test_index: np.ndarray, seed: int,
-               epochs: int) -> dict[str, list[float]]:
-    """Every method's confidence on the fold's test questions, fit on its training questions."""
+               epochs: int, head_rows: list[dict]) -> dict[str, list[float]]:
+    """Every method's confidence on the fold's test questions, fit on its training questions (the head on
+    `head_rows`: the same questions, maybe without what an ablation hides from it)."""
     correct = np.array([row["correct"] for row in rows], dtype=bool)
-    head, epoch = head_log_odds(config, rows, train_index, test_index, seed, epochs)
+    head, epoch = head_log_odds(config, head_rows, train_index, test_index, seed, epochs)
     test, train = [rows[i] for i in test_index], [rows[i] for i in train_index]
     baselines = baseline_confidences(pass_one_features(train), correct[train_index], pass_one_features(test),
                                      hidden(train), hidden(test), seed=seed, extra_train=summary(train),
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ensemble-seeds", help="Comma-separated extra seeds: also fit the head with each (its own "
                         "initialisation and held-out share) and compare the mean of all seeds' log-odds.")
+    parser.add_argument("--no-option-signals", action="store_true", help="Multiple choice: the head does not read "
+                        "the distribution over the options (an ablation; the baselines still do).")
     parser.add_argument("--only", help="Comma-separated folds: score just these and exit (run several processes on "
                         "different folds, then once without --only for the summary).")
     args = parser.parse_args()
@@ -140,6 +143,7 @@ def main() -> None:
     config = dataclasses.replace(build_doubter_config(manifest["doubter"]), encoder_type="attentive",
                                  read_position="answer", pooling="last", confidence="head")
     rows = list(load_cache(args.run_dir / manifest["cache"]).with_format("numpy"))
+    head_rows = [{**row, "option_logprobs": np.zeros(0)} for row in rows] if args.no_option_signals else rows
     correct = np.array([row["correct"] for row in rows], dtype=bool)
     folds = np.zeros(len(rows), dtype=int)
     splitter = StratifiedKFold(args.folds, shuffle=True, random_state=args.seed)
@@ -154,14 +158,14 @@ def main() -> None:
         if only is not None and fold not in only:
             continue
         if not path.exists():
-            scored = score_fold(config, rows, train_index, test_index, args.seed, args.epochs)
+            scored = score_fold(config, rows, train_index, test_index, args.seed, args.epochs, head_rows)
             path.write_text(json.dumps({"test_index": test_index.tolist(), **scored}))
         scored = json.loads(path.read_text())
         if scored["test_index"] != test_index.tolist():
             raise SystemExit(f"{path} was written for other folds: delete {fold_dir} to start again.")
         for extra in ensemble_seeds:
             if f"head_log_odds_seed{extra}" not in scored:  # saved seed by seed, so an interruption loses one fit
-                log_odds, _ = head_log_odds(config, rows, train_index, test_index, extra, args.epochs)
+                log_odds, _ = head_log_odds(config, head_rows, train_index, test_index, extra, args.epochs)
                 scored[f"head_log_odds_seed{extra}"] = log_odds.tolist()
                 path.write_text(json.dumps(scored))
         if only is not None:
@@ -193,7 +197,8 @@ def main() -> None:
                 methods[name]["ensemble_minus_method_fold_mean"] = stratified_paired_bootstrap_diff(
                     auroc, correct, scores[ENSEMBLE], confidence, folds)
     results = {"run_dir": str(args.run_dir), "n": len(rows), "folds": args.folds, "seed": args.seed,
-               "epochs": args.epochs, "ensemble_seeds": ensemble_seeds, "base_accuracy": float(correct.mean()),
+               "epochs": args.epochs, "ensemble_seeds": ensemble_seeds, "no_option_signals": args.no_option_signals,
+               "base_accuracy": float(correct.mean()),
                "correct": correct.tolist(),
                "fold": folds.tolist(), "methods": methods}
     write_results(args.json, results, summary_markdown(results))

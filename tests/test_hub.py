@@ -348,6 +348,17 @@ def test_card_says_when_over_refusal_is_unmeasured(decline_below, sentence):
     assert sentence in card.text and "share of its refusals" not in card.text
 
 
+def test_card_of_a_run_on_several_sources_names_each_with_its_questions(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("{}\n")
+    run = {"collect": {"dataset": f"triviaqa,{data}"}, "splits": {"counts": {"train": 7, "val": 1, "test": 2}},
+           "data_sources": [{"dataset": "triviaqa", "questions": {"train": 5, "val": 1, "test": 1}},
+                            {"dataset": str(data), "questions": {"train": 2, "test": 1}}]}
+    text = doubter_card(DoubterConfig(**CONFIG), "user/two", base_model_info("gemma-3-270m"), run=run).text
+    assert "- Data: triviaqa + mine.jsonl;" in text and str(tmp_path) not in text, "a data file: its name only"
+    assert "per source: triviaqa: train 5, val 1, test 1; mine.jsonl: train 2, test 1." in text
+
+
 @pytest.mark.parametrize("name,license,message", [
     ("someone/model", None, "pass its Hub licence id as `license=`"),
     (str(TESTS), "mit", "is a local path, not a Hub repo id"),

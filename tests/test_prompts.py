@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import tiny_models
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -14,6 +15,7 @@ from peft_doubter.data.prompts import (
     cloze_pairs,
     first_line,
     format_choices,
+    score_cloze_batch,
     score_cloze_options,
 )
 
@@ -156,3 +158,22 @@ def test_score_cloze_options_matches_unbatched_reference(tokenizer, tiny_llama):
     assert tiny_llama.training
     with pytest.raises(ValueError, match="normalize"):
         score_cloze_options(tiny_llama, tokenizer, prompt, options, normalize="byte")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen2"])
+def test_batched_cloze_scoring_equals_one_question_at_a_time(tokenizer, family):
+    """One prompt pass for the batch and the options on copies of its KV cache give each question's scores as
+    `score_cloze_options` does, for prompts of different lengths (left-padded), option counts and lengths, and
+    continuations split across forward chunks."""
+    model = tiny_models.build(family)
+    prompts = ["<s> Question: capital of France? Answer:", "<s> Q: sky Question: capital of Italy? Answer:",
+               "<s> Answer:"]
+    options = [["Paris", "Berlin Rome Paris", "Rome Rome"], ["red", "blue sky"], ["Rome", "Paris", "Berlin", "red"]]
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    for normalize in ("token", "char", None):
+        batched = score_cloze_batch(model, tokenizer, inputs, prompts, options, normalize=normalize, chunk_size=2)
+        for prompt, row_options, scores in zip(prompts, options, batched):
+            alone = score_cloze_options(model, tokenizer, prompt, row_options, normalize=normalize)
+            assert scores == pytest.approx(alone, abs=1e-4)
+    assert len({round(s, 3) for s in batched[0]}) == 3, "the options get different scores"

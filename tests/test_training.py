@@ -560,3 +560,100 @@ def test_head_confidence_trains_scores_from_pass_one_and_exports(workspace, tmp_
                                                                               np.asarray(row["features"])))
                 for row in rows]
     assert meta["confidence"] == "head" and exported == pytest.approx(direct, abs=1e-4)
+
+
+def test_multiple_choice_answer_reading_reads_the_chosen_option(workspace, tmp_path):
+    """With read_position='answer' a cloze question's answer is the base's chosen option: the cache holds that
+    option's tokens, their read-layer states and teacher-forced signals (their mean log-probability is the option's
+    cloze score), and the attentive encoder also reads the distribution over the options (rows without options
+    read as before); the confidence head fits and scores on it."""
+    import random
+
+    from peft_doubter.data.prompts import cloze_option_ids
+    from peft_doubter.data.sequences import cached_reading
+    from peft_doubter.names import TOKEN_SIGNALS
+
+    rng = random.Random(3)
+    path = tmp_path / "mc.jsonl"
+    with open(path, "w") as handle:
+        for _ in range(120):
+            question = " ".join(f"w{rng.randrange(10, 100)}" for _ in range(4))
+            options = [" ".join(f"w{rng.randrange(100, 140)}" for _ in range(rng.randrange(1, 4))) for _ in range(3)]
+            handle.write(json.dumps({"question": question, "answer": "", "choices": options,
+                                     "label": rng.randrange(3)}) + "\n")
+    settings = {**DOUBTER, "read_position": "answer", "encoder_type": "attentive", "answer_tokens": 2,
+                "max_draft_tokens": 4, "confidence": "head"}
+    run_dir = tmp_path / "run"
+    cloze = dataclasses.replace(PROMPT, mc_format="cloze")
+    cache = stages.collect_run(run_dir, collect_config(workspace["model"], path, choices_column="choices",
+                                                       label_column="label"), cloze, settings)
+    model, tokenizer, _ = stages.load_run_model(run_dir, adapter=False)
+    rows = [cache[index] for index in range(4)]
+    logprob = TOKEN_SIGNALS.index("logprob")
+    for row in rows:
+        chosen = cloze_option_ids(tokenizer, row["prompt"], [row["choices"][row["pass1_choice"]]])[0]
+        assert row["answer_ids"] == chosen and row["pass1_answer"] == row["choices"][row["pass1_choice"]]
+        signals = np.asarray(row["token_signals"])
+        assert signals.shape == (len(chosen), len(TOKEN_SIGNALS))
+        assert signals[:, logprob].mean() == pytest.approx(row["option_logprobs"][row["pass1_choice"]], abs=1e-4)
+        inputs = tokenizer(row["prompt"], return_tensors="pt")
+        reading = model.base_model.read_given_answers(inputs["input_ids"], inputs["attention_mask"], [chosen])
+        torch.testing.assert_close(torch.as_tensor(row["features"]), reading.features[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.as_tensor(row["answer_states"]).float(), reading.answer_states[0],
+                                   rtol=1e-3, atol=1e-3)  # float16 in the cache
+
+    reading = cached_reading(rows)
+    scores = np.asarray(rows[0]["option_logprobs"], dtype=np.float64)
+    expected = np.sort(scores - np.logaddexp.reduce(scores))[::-1]
+    assert reading.choice_signals[0, logprob] == pytest.approx(expected[0], abs=1e-5)
+    assert reading.choice_signals[0, 2:2 + len(expected)].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert reading.choice_signals[0, 2 + len(expected):].tolist() == [-50.0] * (4 - len(expected))
+    encoder = get_peft_model(tiny_models.build("llama"), DoubterConfig(**settings)).base_model.doubter_encoder[
+        "default"]
+    with torch.no_grad():
+        torch.nn.init.normal_(encoder.answer_pooling.null, std=0.5)
+        with_options = encoder.confidence_log_odds(encoder(reading))
+        without = encoder.confidence_log_odds(encoder(dataclasses.replace(reading, choice_signals=None)))
+        reading.choice_signals[0] = float("nan")  # a row without options in the same batch reads as before
+        mixed = encoder.confidence_log_odds(encoder(reading))
+    assert (with_options - without).abs().min() > 1e-6
+    assert mixed[0] == pytest.approx(float(without[0]), abs=1e-6) and torch.equal(mixed[1:], with_options[1:])
+
+    trainer = stages.train_run(run_dir, {"fit_confidence_head": True, "train_injection": True, "head_epochs": 2,
+                                         "num_train_epochs": 1, "per_device_train_batch_size": 8}, {})
+    assert trainer.head_fit.val_auroc is not None and trainer.state.global_step > 0, "the LM stage reads options too"
+    with pytest.raises(ValueError, match="drafts an open answer, while the Doubter read the chosen option"):
+        stages.eval_run(run_dir, EvalConfig(n_resamples=20))
+    report = stages.eval_run(run_dir, EvalConfig(n_resamples=20, text_behaviour="thresholded"))
+    test = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"]
+    assert len(report.scores["doubter"]["confidence"]) == len(test)
+    assert "option_msp" in report.scores
+
+
+def test_a_run_collects_several_sources_and_counts_each(workspace, tmp_path):
+    """`--dataset a,b` samples and splits the sources as one; run.json's `data_sources` counts each source's
+    questions per split (adding up to the splits) with the base's accuracy; mixing open-ended and multiple-choice
+    sources, or naming a source twice, is refused before any work."""
+    first = tiny_run.write_questions(tmp_path / "first.jsonl", count=30, seed=1)
+    second = tiny_run.write_questions(tmp_path / "second.jsonl", count=20, seed=2)
+    run_dir = tmp_path / "run"
+    cache = stages.collect_run(run_dir, collect_config(workspace["model"], f"{first},{second}"), PROMPT, DOUBTER)
+    manifest = read_manifest(run_dir)
+    sources = {entry["dataset"]: entry for entry in manifest["data_sources"]}
+    assert set(sources) == {str(first), str(second)}
+    assert sum(sum(entry["questions"].values()) for entry in sources.values()) == len(cache) == 50
+    for split in ("train", "val", "test"):
+        assert sum(entry["questions"].get(split, 0) for entry in sources.values()) == \
+            manifest["cache_summary"][split]["questions"]
+    assert all(0 < sources[str(path)]["questions"]["train"] for path in (first, second)), "both sources are sampled"
+    right = sum(entry["base_accuracy"]["test"] * entry["questions"]["test"] for entry in sources.values()
+                if "test" in entry["questions"])
+    assert right == pytest.approx(sum(row["correct"] for row in cache if row["split"] == "test"))
+
+    with pytest.raises(ValueError, match=r"mixes open-ended sources \(.*first.jsonl\) and multiple-choice "
+                                         r"sources \(sciq\)"):
+        stages.collect_run(tmp_path / "mixed", collect_config(workspace["model"], f"{first},sciq"), PROMPT, DOUBTER)
+    with pytest.raises(ValueError, match="must name each source once"):
+        stages.collect_run(tmp_path / "twice", collect_config(workspace["model"], f"{first},{first}"), PROMPT,
+                           DOUBTER)
+    assert not (tmp_path / "mixed" / "run.json").exists() and not (tmp_path / "mixed" / "cache").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 # ------------------------------------------------------------------------------------------- a run directory
 RUN_MANIFEST = "run.json"  # what `collect` decided; later stages need only the run directory
 RUN_LOCK = ".lock"  # held by the process working on the run directory
+DATASET_SEPARATOR = ","  # `--dataset triviaqa,nq_open`: one collection over several sources
 CACHE_DIR = "cache"  # the activation cache (resumable shards)
 CACHE_MANIFEST = "manifest.json"  # inside CACHE_DIR: what the cache was built from
 PREFIX_STATES_DIR = "prefix_states"  # the states entering the first inject layer, per cached sequence (resumable)

@@ -35,6 +35,7 @@ from typing import Any
 
 import datasets
 
+from ..names import DATASET_SEPARATOR
 from .scoring import normalize_answer
 
 
@@ -393,3 +394,12 @@ def _keep_first(first_row: dict[tuple, tuple[int, Row]], key: tuple, index: int,
                          f"different answers ({kept['answers']} vs {row['answers']}); keep one of them.")
     dropped.append(index)
     return False
+
+
+def dataset_sources(dataset: str) -> list[str]:
+    """The sources a `dataset` setting names (benchmarks or files, `DATASET_SEPARATOR`-separated)."""
+    sources = [name.strip() for name in dataset.split(DATASET_SEPARATOR)]
+    if not all(sources) or len(set(sources)) != len(sources):
+        raise ValueError(f"`dataset` {dataset!r} must name each source once, separated by {DATASET_SEPARATOR!r} "
+                         f"(e.g. 'triviaqa{DATASET_SEPARATOR}nq_open').")
+    return sources

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from ..names import CACHE_MANIFEST, TOKEN_SIGNALS
 from ..paths import read_json, write_json
 from ..tuner import backbone
-from ..tuner.capture import position_ids_from_mask
+from ..tuner.capture import Reading, position_ids_from_mask
 from ..tuner.generation import Draft
-from .prompts import LETTERS, PromptConfig, build_prompt, first_line, score_cloze_options
+from .prompts import LETTERS, PromptConfig, build_prompt, cloze_option_ids, first_line, score_cloze_batch
 from .scoring import ContainmentJudge, ExactMatchJudge, Judge, LocalModelJudge
 from .shards import build_shards, finished_rows, load_shards
 
@@ -64,7 +64,8 @@ class CollectConfig:
         default="triviaqa",
         metadata={"help": "A benchmark (triviaqa, nq_open, mmlu, arc_easy, arc_challenge, sciq, sciq_open, "
                   "commonsense_qa, openbookqa) or a JSONL/JSON/CSV file with question, answer(s) and optional "
-                  "choices."},
+                  "choices; several, comma-separated (e.g. triviaqa,nq_open), are sampled and split as one "
+                  "(all open-ended or all multiple-choice; run.json's `data_sources` counts each)."},
     )
     dataset_split: Optional[str] = field(default=None, metadata={"help": "Split of the benchmark (default: its own)."})
     question_column: str = field(default="question", metadata={"help": "User data: question column."})
@@ -143,11 +144,15 @@ def answer_open(doubter, tokenizer, inputs: dict, answers: list[list[str]], ques
     return results, draft
 
 
-def answer_cloze(model, tokenizer, prompt: str, choices: list[str], label: int, chat: bool) -> Pass1Answer:
-    """The option with the highest length-normalised log-likelihood."""
-    scores = score_cloze_options(model, tokenizer, prompt, choices, normalize="token", add_special_tokens=not chat)
-    choice = int(np.argmax(scores))
-    return Pass1Answer(choices[choice], choice == label, choice=choice, option_logprobs=scores)
+def answer_cloze(model, tokenizer, inputs: dict, prompts: list[str], choices: list[list[str]], labels: list[int]
+                 ) -> list[Pass1Answer]:
+    """Each question's option with the highest length-normalised log-likelihood (`score_cloze_batch`: its first
+    forward is the prompts' pass)."""
+    results = []
+    for options, label, scores in zip(choices, labels, score_cloze_batch(model, tokenizer, inputs, prompts, choices)):
+        choice = int(np.argmax(scores))
+        results.append(Pass1Answer(options[choice], choice == label, choice=choice, option_logprobs=scores))
+    return results
 
 
 def _first_token_stats(logits: torch.Tensor) -> tuple[list[float], float]:
@@ -155,6 +160,11 @@ def _first_token_stats(logits: torch.Tensor) -> tuple[list[float], float]:
     top2 = logprobs.topk(2).values.tolist()
     entropy = float(-(logprobs.exp() * logprobs).sum())
     return top2, entropy
+
+
+def letter_token_id(tokenizer, index: int) -> int:
+    """The token of option `index`'s letter as the answer after `Answer:`."""
+    return tokenizer(f" {LETTERS[index]}", add_special_tokens=False)["input_ids"][-1]
 
 
 def answer_letter(model, tokenizer, inputs: dict, choices: list[list[str]], labels: list[int]
@@ -165,8 +175,7 @@ def answer_letter(model, tokenizer, inputs: dict, choices: list[list[str]], labe
         logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1]
     results = []
     for row, options in enumerate(choices):
-        letter_ids = [tokenizer(f" {LETTERS[i]}", add_special_tokens=False)["input_ids"][-1]
-                      for i in range(len(options))]
+        letter_ids = [letter_token_id(tokenizer, i) for i in range(len(options))]
         option_logits = logits[row, letter_ids].float()
         choice = int(option_logits.argmax())
         top2, entropy = _first_token_stats(logits[row])
@@ -319,24 +328,24 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
                 if config.pooling != "last":
                     features = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"],
                                                     draft.tokens).stacked()
-            answer_parts = [
-                (kept, draft.reading.answer_states[row, :len(kept)].cpu().numpy().astype(np.float16),
-                 draft.reading.token_signals[row, :len(kept)].cpu().numpy())
-                for row, kept in enumerate(draft.tokens)
-            ]
+            answer_parts = _answer_parts(draft.reading, draft.tokens)
         else:
-            if config.read_position == "answer":
-                raise ValueError("read_position='answer' is for open-ended answers; multiple-choice runs read the "
-                                 "prompt.")
             with doubter.capturing_prompt(inputs["attention_mask"]) as capture, torch.no_grad():
                 if prompt_config.mc_format == "cloze":
-                    base(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), logits_to_keep=1)
-                    answers = [answer_cloze(base, tokenizer, text, e["choices"], e["label"], chat)
-                               for text, e in zip(texts, batch)]
+                    answers = answer_cloze(base, tokenizer, inputs, texts, [e["choices"] for e in batch],
+                                           [e["label"] for e in batch])
                 else:
                     answers = answer_letter(base, tokenizer, inputs, [e["choices"] for e in batch],
                                             [e["label"] for e in batch])
             prompt_features = features = capture.stacked()
+            if config.read_position == "answer":  # the chosen option's tokens, teacher-forced
+                chosen = [chosen_option_ids(tokenizer, text, e["choices"], answer.choice, prompt_config.mc_format)
+                          for text, e, answer in zip(texts, batch, answers)]
+                reading = doubter.read_given_answers(inputs["input_ids"], inputs["attention_mask"], chosen)
+                features = reading.features
+                if config.pooling != "last":
+                    features = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"], chosen).stacked()
+                answer_parts = _answer_parts(reading, chosen)
     return [
         {
             "id": example["id"], "question": example["question"], "answers": example["answers"],
@@ -350,6 +359,20 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
         }
         for row, (example, prompt, answer, parts) in enumerate(zip(batch, prompts, answers, answer_parts))
     ]
+
+
+def chosen_option_ids(tokenizer, prompt: str, choices: list[str], choice: int, mc_format: str) -> list[int]:
+    """The tokens of the base's chosen option as its answer after `prompt`: the cloze continuation, or the letter."""
+    if mc_format == "cloze":
+        return cloze_option_ids(tokenizer, prompt, [choices[choice]])[0]
+    return [letter_token_id(tokenizer, choice)]
+
+
+def _answer_parts(reading: Reading, answer_ids: Sequence[Sequence[int]]) -> list[tuple[list[int], np.ndarray,
+                                                                                      np.ndarray]]:
+    """Each row's answer tokens with their cached states (float16) and signals."""
+    return [(list(ids), reading.answer_states[row, :len(ids)].cpu().numpy().astype(np.float16),
+             reading.token_signals[row, :len(ids)].cpu().numpy()) for row, ids in enumerate(answer_ids)]
 
 
 def load_cache(cache_dir: Path) -> datasets.Dataset:

@@ -14,6 +14,7 @@ normalized question) is refused.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,20 @@ def cloze_pairs(prompt: str, options: Sequence[str]) -> list[tuple[str, str]]:
     return [(prompt, cloze_continuation(prompt, o)) for o in options]
 
 
+def cloze_option_ids(tokenizer: Any, prompt: str, options: Sequence[str]) -> list[list[int]]:
+    """The tokens each option's continuation (:func:`cloze_continuation`) adds after the prompt's own tokens."""
+    plain_context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    cont_ids: list[list[int]] = []
+    for cont in (cloze_continuation(prompt, o) for o in options):
+        whole = tokenizer(prompt + cont, add_special_tokens=False)["input_ids"]
+        ids = whole[len(plain_context):] if whole[: len(plain_context)] == plain_context else []
+        ids = ids or tokenizer(cont, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"Option {cont!r} encodes to no tokens")
+        cont_ids.append(ids)
+    return cont_ids
+
+
 @torch.inference_mode()
 def score_cloze_options(
     model: torch.nn.Module,
@@ -255,18 +270,9 @@ def score_cloze_options(
     if not options:
         return []
     context = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    plain_context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not context:
         raise ValueError("The cloze prompt encodes to no tokens; pass add_special_tokens=True or a longer prompt")
-    continuations = [cloze_continuation(prompt, o) for o in options]
-    cont_ids: list[list[int]] = []
-    for cont in continuations:
-        whole = tokenizer(prompt + cont, add_special_tokens=False)["input_ids"]
-        ids = whole[len(plain_context):] if whole[: len(plain_context)] == plain_context else []
-        ids = ids or tokenizer(cont, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"Option {cont!r} encodes to no tokens")
-        cont_ids.append(ids)
+    cont_ids = cloze_option_ids(tokenizer, prompt, options)
 
     seqs = [context + ids for ids in cont_ids]
     length, max_cont = max(map(len, seqs)), max(map(len, cont_ids))
@@ -292,5 +298,64 @@ def score_cloze_options(
     if normalize == "token":
         totals = totals / lengths
     elif normalize == "char":
-        totals = totals / torch.tensor([len(c) for c in continuations], device=device)
+        totals = totals / torch.tensor([len(cloze_continuation(prompt, o)) for o in options], device=device)
     return totals.tolist()
+
+
+@torch.inference_mode()
+def score_cloze_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    inputs: Mapping[str, torch.Tensor],
+    prompts: Sequence[str],
+    options: Sequence[Sequence[str]],
+    normalize: Literal["token", "char"] | None = "token",
+    chunk_size: int = 32,
+) -> list[list[float]]:
+    """:func:`score_cloze_options` for a batch of questions at once: `inputs` are the `prompts` tokenized and
+    left-padded as :func:`score_cloze_options` tokenizes one. One forward over the prompts (a hook on the model sees
+    it as the batch's prompt pass), then every option's continuation on a copy of their KV cache, `chunk_size`
+    continuations per forward; the prompts are not recomputed per option."""
+    if normalize not in ("token", "char", None):
+        raise ValueError(f"normalize must be 'token', 'char' or None, got {normalize!r}")
+    mask = inputs["attention_mask"]
+    was_training = model.training
+    model.eval()
+    try:
+        prompt_pass = model(input_ids=inputs["input_ids"], attention_mask=mask,
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+        first = prompt_pass.logits[:, -1].float().log_softmax(-1)  # (B, V): every option's first token
+        pairs = [(row, ids) for row, (prompt, row_options) in enumerate(zip(prompts, options))
+                 for ids in cloze_option_ids(tokenizer, prompt, row_options)]
+        lengths = mask.sum(-1)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        totals = []
+        for start in range(0, len(pairs), chunk_size):
+            chunk = pairs[start:start + chunk_size]
+            rows = torch.tensor([row for row, _ in chunk], device=mask.device)
+            width = max(len(ids) for _, ids in chunk)
+            tokens = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids in chunk], device=mask.device)
+            kept = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids in chunk], device=mask.device)
+            token_lp = first[rows].gather(-1, tokens[:, :1])
+            if width > 1:
+                cache = copy.deepcopy(prompt_pass.past_key_values)
+                cache.reorder_cache(rows)
+                logits = model(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[rows], kept[:, :-1]], 1),
+                               position_ids=lengths[rows, None] + torch.arange(width - 1, device=mask.device),
+                               past_key_values=cache, use_cache=True).logits.float()
+                later = logits.gather(-1, tokens[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
+                token_lp = torch.cat([token_lp, later], dim=1)
+            totals.append((token_lp * kept).sum(-1))
+    finally:
+        model.train(was_training)
+    sums = torch.cat(totals)
+    if normalize == "token":
+        sums = sums / torch.tensor([len(ids) for _, ids in pairs], device=sums.device)
+    elif normalize == "char":
+        sums = sums / torch.tensor([len(cloze_continuation(prompts[row], o)) for row, row_options in enumerate(options)
+                                    for o in row_options], device=sums.device)
+    scores, start = [], 0
+    for row_options in options:
+        scores.append(sums[start:start + len(row_options)].tolist())
+        start += len(row_options)
+    return scores

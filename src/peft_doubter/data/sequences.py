@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..names import TOKEN_SIGNALS
-from ..tuner.capture import Reading
+from ..tuner.capture import Reading, choice_signals
 
 
 def tokenize_example(tokenizer, prompt: str, target: str, chat: bool) -> dict[str, list[int]]:
@@ -67,7 +67,8 @@ def target_columns(labels: torch.Tensor) -> torch.Tensor:
 
 def cached_reading(rows: Sequence[dict[str, Any]], features_key: str = "features", answer: bool = True) -> Reading:
     """Pass 1's cached reading of a batch of rows: their features (`features_key`) and, with `answer` and when the
-    rows hold them, the answer tokens' states and signals, zero-padded to the longest answer."""
+    rows hold them, the answer tokens' states and signals, zero-padded to the longest answer, and the option
+    distribution's signals of multiple-choice rows (from `option_logprobs`)."""
     features = torch.stack([torch.as_tensor(row[features_key]) for row in rows]).float()
     if not answer or "answer_states" not in rows[0]:
         return Reading(features)
@@ -82,4 +83,6 @@ def cached_reading(rows: Sequence[dict[str, Any]], features_key: str = "features
         answer_states[index, : len(state)] = state.reshape(len(state), layers, -1)
         token_signals[index, : len(signal)] = signal.reshape(len(signal), -1)
         mask[index, : len(state)] = True
-    return Reading(features, answer_states, mask, token_signals)
+    options = [row.get("option_logprobs", ()) for row in rows]
+    choices = choice_signals(options) if any(len(scores) for scores in options) else None
+    return Reading(features, answer_states, mask, token_signals, choices)

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..data.benchmarks import dataset_sources
 from ..evaluation.protocol import DOUBTER
 from ..evaluation.report import EvaluationReport
 from ..names import (
@@ -141,8 +142,12 @@ def _run_vars(manifest: Mapping[str, Any]) -> dict:
         "Prompt": _settings(prompt, list(prompt)),
         "Train": _settings(manifest.get("train", {}).get("args", {}), TRAIN_KEYS),
     }
+    sources = manifest.get("data_sources", [])
     return {
         "splits": manifest.get("splits", {}).get("counts", {}),
+        "sources": [f"{Path(s['dataset']).name}: " + ", ".join(f"{split} {count}" for split, count in
+                                                              s["questions"].items()) for s in sources]
+        if len(sources) > 1 else [],
         "settings": {name: text for name, text in settings.items() if text},
     }
 
@@ -225,8 +230,8 @@ def doubter_card(
             "read": resolve_layers("target_layers", config.target_layers, n_layers),
             "inject": resolve_layers("cross_attn_layers", config.inject_layer_spec, n_layers),
         }
-    dataset = str((run or {}).get("collect", {}).get("dataset", "unknown"))
-    dataset = Path(dataset).name if Path(dataset).exists() else dataset  # a user data file: its name, not its path
+    sources = dataset_sources(str((run or {}).get("collect", {}).get("dataset", "unknown")))
+    dataset = " + ".join(Path(name).name if Path(name).exists() else name for name in sources)  # files: their names
     evaluation, eval_results = _evaluation_vars(report, dataset) if report is not None else (None, None)
     card_data = ModelCardData(
         base_model=base.hub_id,

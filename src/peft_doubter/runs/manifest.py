@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 import torch
 
-from ..data.benchmarks import BENCHMARKS, load_benchmark, load_user_dataset
+from ..data.benchmarks import BENCHMARKS, dataset_sources, load_benchmark, load_user_dataset
 from ..data.collection import CollectConfig
 from ..data.splits import assert_disjoint, check_no_overlap, split_by_question
 from ..names import RUN_MANIFEST
@@ -73,19 +73,43 @@ def load_base(collect_config: CollectConfig):
     return load_base_model(collect_config.model, dtype=_dtype(collect_config.dtype), quantization_config=quantization)
 
 
-def load_questions(config: CollectConfig) -> datasets.Dataset:
-    if config.dataset in BENCHMARKS:
-        return load_benchmark(config.dataset, split=config.dataset_split)
-    path = Path(config.dataset)
+def _load_source(name: str, config: CollectConfig) -> datasets.Dataset:
+    if name in BENCHMARKS:
+        return load_benchmark(name, split=config.dataset_split)
+    path = Path(name)
     if not path.exists():
-        raise ValueError(
-            f"Unknown dataset {config.dataset!r}: not a benchmark ({', '.join(BENCHMARKS)}) and no such file."
-        )
+        raise ValueError(f"Unknown dataset {name!r}: not a benchmark ({', '.join(BENCHMARKS)}) and no such file.")
     if path.is_file() and not path.read_text(errors="replace").strip():
         raise ValueError(f"Dataset file {path} is empty.")
-    return load_user_dataset(config.dataset, question_column=config.question_column,
-                             answer_column=config.answer_column, choices_column=config.choices_column,
-                             label_column=config.label_column)
+    return load_user_dataset(name, question_column=config.question_column, answer_column=config.answer_column,
+                             choices_column=config.choices_column, label_column=config.label_column)
+
+
+def load_questions(config: CollectConfig) -> datasets.Dataset:
+    """Every question of the run's sources, each row with its `source`. Sources are all open-ended or all
+    multiple-choice (a batch of the collection is answered one way)."""
+    names = dataset_sources(config.dataset)
+    parts = [_load_source(name, config) for name in names]
+    multiple_choice = {name: any(len(choices) for choices in part["choices"]) for name, part in zip(names, parts)}
+    if len(set(multiple_choice.values())) > 1:
+        kinds = {mc: ", ".join(name for name in names if multiple_choice[name] == mc) for mc in (False, True)}
+        raise ValueError(f"`dataset` {config.dataset!r} mixes open-ended sources ({kinds[False]}) and "
+                         f"multiple-choice sources ({kinds[True]}): collect them in separate runs.")
+    parts = [part.add_column("source", [name] * len(part)) for name, part in zip(names, parts)]
+    return datasets.concatenate_datasets([part.cast(parts[0].features) for part in parts])
+
+
+def source_summary(questions: datasets.Dataset, cache: datasets.Dataset) -> list[dict[str, Any]]:
+    """Per source of a collected run: its questions per split and the base's accuracy on them (run.json's
+    `data_sources`); `questions` in the order they were collected."""
+    summary = {}
+    for source, split, correct in zip(questions["source"], cache["split"], cache["correct"]):
+        entry = summary.setdefault(source, {"dataset": source, "questions": {}, "right": {}})
+        entry["questions"][split] = entry["questions"].get(split, 0) + 1
+        entry["right"][split] = entry["right"].get(split, 0) + int(correct)
+    return [{"dataset": entry["dataset"], "questions": entry["questions"],
+             "base_accuracy": {split: entry["right"][split] / count for split, count in entry["questions"].items()}}
+            for entry in summary.values()]
 
 
 def sample_and_split(questions: datasets.Dataset, collect_config: CollectConfig, k_shot: int

@@ -54,6 +54,7 @@ from .manifest import (
     load_questions,
     read_manifest,
     sample_and_split,
+    source_summary,
     write_manifest,
 )
 
@@ -108,6 +109,7 @@ def _collect(run_dir: Path, collect_config: CollectConfig, prompt_config: Prompt
         for split in ("train", "val", "test")
     }
     manifest["cache_summary"]["prompts_truncated"] = int(sum(cache["prompt_truncated"]))
+    manifest["data_sources"] = source_summary(questions, cache)
     write_manifest(run_dir, manifest)
     return cache
 
@@ -303,6 +305,11 @@ def _evaluate(run_dir: Path, config: EvalConfig, model, tokenizer) -> Evaluation
     if config.text_behaviour == "two-pass" and not injection_trained:
         raise ValueError(f"{run_dir}'s injection was not trained (train_injection=False): its two-pass text is the "
                          "base's own. Evaluate it with --text-behaviour thresholded (what it writes) or none.")
+    answer_read = model.peft_config[model.active_adapter].read_position == "answer"
+    if config.text_behaviour == "two-pass" and answer_read and any(len(row["choices"]) for row in test):
+        raise ValueError("Two-pass text of a multiple-choice question drafts an open answer, while the Doubter "
+                         "read the chosen option: evaluate answer reading on multiple choice with --text-behaviour "
+                         "thresholded (the chosen option or the refusal) or none.")
     judge = make_judge(test_manifest["collect"]["judge"]) if config.text_behaviour == "two-pass" else None
     report = evaluate_doubter(model, tokenizer, train, val, test, config, mc_format=prompt.mc_format,
                               chat=prompt.style == "chat", judge=judge, title=title,

@@ -32,7 +32,7 @@ def choose_target(row: dict[str, Any], config: DoubterConfig, mc_format: str, se
     return config.refusal_text, "refuse"
 
 
-READING_COLUMNS = ("answer_states", "token_signals")  # cache columns the `attentive` encoder reads besides features
+READING_COLUMNS = ("answer_states", "token_signals", "option_logprobs")  # what the `attentive` encoder reads besides features
 
 
 def build_training_set(cache: datasets.Dataset, tokenizer, config: DoubterConfig, mc_format: str, chat: bool,

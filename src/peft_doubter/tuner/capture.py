@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..names import TOP_K_SIGNALS
+from ..names import SIGNAL_LIMIT, TOKEN_SIGNALS, TOP_K_SIGNALS
 
 
 class StopForward(Exception):
@@ -70,12 +71,15 @@ class Reading:
     with an answer read (`read_position='answer'`) also every answer token's states and signals, zero-padded:
     `answer_states` (B, L, R, H) divided by their own RMS per vector (encoders start with a LayerNorm, which that
     scale does not change; it keeps Gemma's residual stream, up to 1e5 at late layers, within float16),
-    `answer_mask` (B, L) and `token_signals` (B, L, S) with the columns of `TOKEN_SIGNALS`."""
+    `answer_mask` (B, L) and `token_signals` (B, L, S) with the columns of `TOKEN_SIGNALS`; for a multiple-choice
+    answer `choice_signals` (B, S): the same columns for the distribution over the options (see `choice_signals`),
+    NaN in rows without options."""
 
     features: torch.Tensor
     answer_states: Optional[torch.Tensor] = None
     answer_mask: Optional[torch.Tensor] = None
     token_signals: Optional[torch.Tensor] = None
+    choice_signals: Optional[torch.Tensor] = None
 
     def to(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
            non_blocking: bool = False) -> Reading:
@@ -86,14 +90,15 @@ class Reading:
             return x.to(device, dtype if floating else None, non_blocking=non_blocking)
 
         return Reading(move(self.features), move(self.answer_states), move(self.answer_mask, False),
-                       move(self.token_signals))
+                       move(self.token_signals), move(self.choice_signals))
 
     def repeat(self, times: int) -> Reading:
         """The same reading for `times` copies of the batch (e.g. scoring two continuations per question)."""
         def rep(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if x is None else x.repeat(times, *([1] * (x.ndim - 1)))
 
-        return Reading(rep(self.features), rep(self.answer_states), rep(self.answer_mask), rep(self.token_signals))
+        return Reading(rep(self.features), rep(self.answer_states), rep(self.answer_mask), rep(self.token_signals),
+                       rep(self.choice_signals))
 
 
 def rms_normalized(states: torch.Tensor) -> torch.Tensor:
@@ -109,6 +114,24 @@ def token_signals(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     top = logprobs.topk(TOP_K_SIGNALS, dim=-1).values
     return torch.cat([chosen[:, None], entropy[:, None], top], dim=-1)
+
+
+def choice_signals(option_scores: Sequence[Sequence[float]]) -> torch.Tensor:
+    """`TOKEN_SIGNALS` of multiple-choice answers (B, S), from each question's option scores (any log scale, e.g.
+    cloze log-likelihoods): over the softmax of the scores, the log-probability of the chosen (best) option, the
+    entropy and the top-k log-probabilities (-`SIGNAL_LIMIT` past the last option). A row with fewer than two
+    options is NaN (an open answer has no options)."""
+    rows = torch.full((len(option_scores), len(TOKEN_SIGNALS)), float("nan"))
+    for index, scores in enumerate(option_scores):
+        if len(scores) < 2:
+            continue
+        logprobs = torch.as_tensor(np.asarray(scores, dtype=np.float64)).log_softmax(-1)
+        top = torch.full((TOP_K_SIGNALS,), -SIGNAL_LIMIT, dtype=torch.float64)
+        ranked = logprobs.sort(descending=True).values[:TOP_K_SIGNALS]
+        top[: len(ranked)] = ranked
+        entropy = -(logprobs.exp() * logprobs).sum()
+        rows[index] = torch.cat([ranked[:1], entropy[None], top]).float()
+    return rows
 
 
 @contextlib.contextmanager

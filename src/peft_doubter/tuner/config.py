@@ -86,7 +86,8 @@ class DoubterConfig(PeftConfig):
         metadata={
             "help": "Where pass 1 reads: 'prompt' (the prompt's last token, the original design) or 'answer' (the "
             "last token of the base's own greedy draft answer: in generation pass 1 drafts the answer with the "
-            "adapter off, then reads prompt + draft; open-ended answers only)."
+            "adapter off, then reads prompt + draft; for a multiple-choice question the answer is the base's chosen "
+            "option, read teacher-forced)."
         },
     )
     max_draft_tokens: int = field(

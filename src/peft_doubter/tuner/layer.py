@@ -59,7 +59,9 @@ class OutputHead(nn.Module):
 class AnswerPooling(nn.Module):
     """Learned queries attending over the tokens of the base's own answer (the `attentive` encoder). Each answer
     token is the mean of its gated per-layer projections, plus a projection of its signals (log-probability,
-    entropy, top-k) and a position embedding; a learned null token is always attendable (empty answers)."""
+    entropy, top-k) and a position embedding; a learned null token is always attendable (empty answers). For a
+    multiple-choice answer the null token also carries the projection of the option distribution's signals (and the
+    encoder adds it to every cognitive token)."""
 
     def __init__(self, config: DoubterConfig, bottleneck: int) -> None:
         super().__init__()
@@ -70,16 +72,26 @@ class AnswerPooling(nn.Module):
         self.null = nn.Parameter(torch.zeros(1, 1, bottleneck))
         self.attention = nn.MultiheadAttention(bottleneck, config.ca_num_heads, batch_first=True)
 
-    def forward(self, tokens: torch.Tensor, signals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, Q, b) from answer-token projections (B, L, b), their signals (B, L, S) and mask (B, L)."""
+    def forward(self, tokens: torch.Tensor, signals: torch.Tensor, mask: torch.Tensor,
+                choice: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, Q, b) from answer-token projections (B, L, b), their signals (B, L, S) and mask (B, L), and the
+        option distribution's signals (B, S) of multiple-choice rows (NaN rows: none)."""
         batch, length, _ = tokens.shape
         positions = torch.arange(length, device=tokens.device).clamp_max(self.position.num_embeddings - 1)
         keys = tokens + self.signals(signals.clamp(-SIGNAL_LIMIT, SIGNAL_LIMIT)) + self.position(positions)
-        keys = torch.cat([self.null.expand(batch, -1, -1), keys], dim=1)  # (B, 1 + L, b)
+        null = self.null.expand(batch, -1, -1)
+        if choice is not None:
+            null = null + self.choice_projection(choice)[:, None]
+        keys = torch.cat([null, keys], dim=1)  # (B, 1 + L, b)
         ignore = torch.cat([mask.new_zeros(batch, 1), ~mask.bool()], dim=1)  # True = not attended
         queries = self.queries[None].expand(batch, -1, -1)
         pooled, _ = self.attention(queries, keys, keys, key_padding_mask=ignore, need_weights=False)
         return pooled
+
+    def choice_projection(self, choice: torch.Tensor) -> torch.Tensor:
+        """(B, b): the signal projection of each row's option distribution (B, S); zero in NaN rows (no options)."""
+        projected = self.signals(choice.nan_to_num().clamp(-SIGNAL_LIMIT, SIGNAL_LIMIT))
+        return torch.where(~choice[:, :1].isnan(), projected, torch.zeros_like(projected))
 
 
 class CognitiveEncoder(nn.Module):
@@ -152,8 +164,11 @@ class CognitiveEncoder(nn.Module):
             batch, length = reading.answer_states.shape[:2]
             per_layer = self.project(reading.answer_states.flatten(0, 1))  # (B * L, R, b)
             tokens = per_layer.mean(1).view(batch, length, -1)  # (B, L, b)
-            pooled = self.answer_pooling(tokens, reading.token_signals, reading.answer_mask)  # (B, Q, b)
+            pooled = self.answer_pooling(tokens, reading.token_signals, reading.answer_mask,
+                                         reading.choice_signals)  # (B, Q, b)
             z = torch.cat([z, pooled], dim=1)  # (B, R + Q, b)
+            if reading.choice_signals is not None:  # multiple choice: every token sees the option distribution
+                z = z + self.answer_pooling.choice_projection(reading.choice_signals)[:, None]
         elif self.encoder_type == "transformer":
             for block in self.blocks:
                 z = block(z)
