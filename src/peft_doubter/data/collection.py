@@ -4,7 +4,8 @@ For every question the frozen base answers once (pass 1 with adapters off): gree
 of a multiple-choice question (cloze log-likelihood or letter). Its correctness is the oracle the Doubter learns
 from. The cache (a `datasets` dataset on disk, written in resumable shards) keeps each question's pooled read-layer
 states (what pass 1 of the Doubter computes, through the same code), the answer, its correctness and the answer's
-confidence features for the baselines.
+confidence features for the baselines; with `read_position='answer'` also the answer's tokens with their states and
+signals (for multiple choice: the chosen option's tokens, read teacher-forced).
 """
 
 from __future__ import annotations
