@@ -262,44 +262,18 @@ def score_cloze_options(
     ``normalize``: ``"token"`` divides the summed log-probability by the continuation's token count,
     ``"char"`` by its character count, ``None`` keeps the sum. The prompt is encoded on its own (with
     special tokens unless ``add_special_tokens=False``, e.g. for chat renderings); each continuation's
-    tokens are those that ``prompt + continuation`` adds after the prompt's tokens. Sequences are
-    left-padded so only the last positions' logits are computed; dropout is off during the call.
+    tokens are those that ``prompt + continuation`` adds after the prompt's tokens. The prompt runs once and the
+    options on its KV cache (:func:`score_cloze_batch` with one question); dropout is off during the call.
     """
-    if normalize not in ("token", "char", None):
-        raise ValueError(f"normalize must be 'token', 'char' or None, got {normalize!r}")
     if not options:
         return []
     context = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     if not context:
         raise ValueError("The cloze prompt encodes to no tokens; pass add_special_tokens=True or a longer prompt")
-    cont_ids = cloze_option_ids(tokenizer, prompt, options)
-
-    seqs = [context + ids for ids in cont_ids]
-    length, max_cont = max(map(len, seqs)), max(map(len, cont_ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = getattr(model, "device", None) or next(model.parameters()).device
-    input_ids = torch.tensor([[pad] * (length - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in seqs], device=device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=max_cont + 1
-        ).logits
-    finally:
-        model.train(was_training)
-    logprobs = torch.log_softmax(logits[:, -(max_cont + 1):-1].float(), dim=-1)
-    token_lp = logprobs.gather(-1, input_ids[:, -max_cont:].unsqueeze(-1)).squeeze(-1)
-    lengths = torch.tensor([len(ids) for ids in cont_ids], device=device)
-    keep = torch.arange(max_cont, device=device).unsqueeze(0) >= (max_cont - lengths).unsqueeze(1)
-    totals = (token_lp * keep).sum(-1)
-    if normalize == "token":
-        totals = totals / lengths
-    elif normalize == "char":
-        totals = totals / torch.tensor([len(cloze_continuation(prompt, o)) for o in options], device=device)
-    return totals.tolist()
+    inputs = {"input_ids": torch.tensor([context], device=device),
+              "attention_mask": torch.ones((1, len(context)), dtype=torch.long, device=device)}
+    return score_cloze_batch(model, tokenizer, inputs, [prompt], [options], normalize=normalize)[0]
 
 
 @torch.inference_mode()

@@ -75,13 +75,13 @@ class AnswerPooling(nn.Module):
     def forward(self, tokens: torch.Tensor, signals: torch.Tensor, mask: torch.Tensor,
                 choice: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, Q, b) from answer-token projections (B, L, b), their signals (B, L, S) and mask (B, L), and the
-        option distribution's signals (B, S) of multiple-choice rows (NaN rows: none)."""
+        projection of the option distribution (B, b; `choice_projection`) of multiple-choice answers."""
         batch, length, _ = tokens.shape
         positions = torch.arange(length, device=tokens.device).clamp_max(self.position.num_embeddings - 1)
         keys = tokens + self.signals(signals.clamp(-SIGNAL_LIMIT, SIGNAL_LIMIT)) + self.position(positions)
         null = self.null.expand(batch, -1, -1)
         if choice is not None:
-            null = null + self.choice_projection(choice)[:, None]
+            null = null + choice[:, None]
         keys = torch.cat([null, keys], dim=1)  # (B, 1 + L, b)
         ignore = torch.cat([mask.new_zeros(batch, 1), ~mask.bool()], dim=1)  # True = not attended
         queries = self.queries[None].expand(batch, -1, -1)
@@ -164,11 +164,12 @@ class CognitiveEncoder(nn.Module):
             batch, length = reading.answer_states.shape[:2]
             per_layer = self.project(reading.answer_states.flatten(0, 1))  # (B * L, R, b)
             tokens = per_layer.mean(1).view(batch, length, -1)  # (B, L, b)
-            pooled = self.answer_pooling(tokens, reading.token_signals, reading.answer_mask,
-                                         reading.choice_signals)  # (B, Q, b)
+            choice = None if reading.choice_signals is None else self.answer_pooling.choice_projection(
+                reading.choice_signals)  # (B, b)
+            pooled = self.answer_pooling(tokens, reading.token_signals, reading.answer_mask, choice)  # (B, Q, b)
             z = torch.cat([z, pooled], dim=1)  # (B, R + Q, b)
-            if reading.choice_signals is not None:  # multiple choice: every token sees the option distribution
-                z = z + self.answer_pooling.choice_projection(reading.choice_signals)[:, None]
+            if choice is not None:  # multiple choice: every token sees the option distribution
+                z = z + choice[:, None]
         elif self.encoder_type == "transformer":
             for block in self.blocks:
                 z = block(z)
