@@ -62,7 +62,7 @@ def main() -> None:
 
     base, tokenizer = load_base_model(args.model)
     layers = args.layers if args.layers in ("late", "all") else [int(i) for i in args.layers.split(",")]
-    model = get_peft_model(base, DoubterConfig(target_layers=layers)).eval()
+    model = get_peft_model(base, DoubterConfig(target_layers=layers, read_position="prompt", confidence="decision")).eval()
     inputs = tokenizer(PROMPT, return_tensors="pt")
     for doubter in (False, True):  # warm-up
         measure(model, inputs, 4, doubter)

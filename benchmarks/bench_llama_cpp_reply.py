@@ -32,8 +32,8 @@ from peft_doubter.tuner.base_models import embedded_gguf_path, load_base_model
 
 
 SIDECARS = {  # arm -> Doubter settings
-    "decision": {"confidence": "decision"},
-    "head": {"confidence": "head"},
+    "decision": {"confidence": "decision", "read_position": "prompt"},
+    "head": {"confidence": "head", "read_position": "prompt"},
     "answer_head": {"confidence": "head", "target_layers": "late", "encoder_type": "attentive",
                     "read_position": "answer"},
 }

@@ -90,7 +90,7 @@ def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     base, tokenizer = load_base_model("gemma-3-270m")
     confidence = args.arm if args.arm in ("ratio", "head") else "decision"
-    model = get_peft_model(base, DoubterConfig(target_layers="late", confidence=confidence))
+    model = get_peft_model(base, DoubterConfig(target_layers="late", read_position="prompt", confidence=confidence))
     count = args.batch_size * (args.steps + 1)
     rows, cached = rows_for(model, tokenizer, count, args.k_shot)
     gc.collect()

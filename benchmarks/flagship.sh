@@ -5,20 +5,23 @@
 set -euo pipefail
 RUNS=${RUNS:-runs}
 mkdir -p "$RUNS"
+# The original two-pass Doubter these measurements are of (DoubterConfig's defaults are now the head-only Doubter).
+TWO_PASS=(--read-position prompt --encoder-type selective --confidence decision)
 # 1. TriviaQA: >= 4,000 training and >= 1,000 held-out test questions, 2-shot completion prompts, late layers.
 peft-doubter collect --run-dir "$RUNS/triviaqa" --dataset triviaqa --limit 5300 --val-fraction 0.05 \
-  --test-fraction 0.19 --k-shot 2 --target-layers late
+  --test-fraction 0.19 --k-shot 2 --target-layers late "${TWO_PASS[@]}"
 peft-doubter train --run-dir "$RUNS/triviaqa" --num-train-epochs 1
-peft-doubter eval --run-dir "$RUNS/triviaqa"
+peft-doubter eval --run-dir "$RUNS/triviaqa" --text-behaviour two-pass
 # 2. SciQ as cloze multiple choice (options ranked by log-likelihood), base accuracy mid-range. The package has
 #    its 1,000 validation questions only: 30% of them held out for the test.
 peft-doubter collect --run-dir "$RUNS/sciq" --dataset sciq --limit none --test-fraction 0.3 --mc-format cloze \
-  --k-shot 2 --target-layers late
+  --k-shot 2 --target-layers late "${TWO_PASS[@]}"
 peft-doubter train --run-dir "$RUNS/sciq" --num-train-epochs 2
-peft-doubter eval --run-dir "$RUNS/sciq"
+peft-doubter eval --run-dir "$RUNS/sciq" --text-behaviour two-pass
 # 3. Cross-domain: the TriviaQA Doubter tested zero-shot on SciQ's 1,000 questions asked as open QA (science, not
 #    trivia). NQ-open was the first choice, but Gemma-3-270M answers ~1% of it right: no ranking to measure.
-peft-doubter collect --run-dir "$RUNS/sciq-open" --dataset sciq_open --limit none --k-shot 2 --target-layers late
+peft-doubter collect --run-dir "$RUNS/sciq-open" --dataset sciq_open --limit none --k-shot 2 --target-layers late \
+  "${TWO_PASS[@]}"
 peft-doubter eval --run-dir "$RUNS/triviaqa" --questions-from "$RUNS/sciq-open" --eval-split all \
   --output-name eval-sciq-open --text-behaviour none
 # 4. The same TriviaQA questions read at the end of the base's own answer (read_position='answer'): features

@@ -15,7 +15,9 @@ from peft_doubter.tuner.base_models import load_base_model
 
 torch.manual_seed(0)
 base, tokenizer = load_base_model("gemma-3-270m")
-model = get_peft_model(base, DoubterConfig(target_layers="late"))  # read and inject the upper third (12..17)
+# The original two-pass Doubter: read the prompt, inject in the upper third (12..17). (The default Doubter reads the
+# base's own answer and is used thresholded, without pass 2: see the README.)
+model = get_peft_model(base, DoubterConfig(target_layers="late", read_position="prompt", confidence="decision"))
 model.print_trainable_parameters()
 
 questions = ["What is the capital of France?", "Who wrote the 1953 novel 'A Kid for Two Farthings'?"]

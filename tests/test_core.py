@@ -16,7 +16,7 @@ from peft_doubter import DoubterConfig, DoubterLayer
 from peft_doubter.tuner.capture import rms_normalized
 
 
-SMALL = {"encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
+SMALL = {"encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32, **tiny_models.TWO_PASS}
 CONFIGS = {
     "selective-last": {"target_layers": [1, 2, 3], "cross_attn_layers": [2, 3]},
     "multi_token-mean": {"target_layers": "late", "encoder_type": "multi_token", "num_cognitive_tokens": 3, "pooling": "mean"},
@@ -366,7 +366,7 @@ def test_wrong_base_is_refused_unless_overridden(tmp_path):
 )
 def test_bad_layers_give_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        get_peft_model(tiny_models.build("llama"), DoubterConfig(**SMALL, **kwargs))
+        get_peft_model(tiny_models.build("llama"), DoubterConfig(**{**SMALL, **kwargs}))
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ CASES = {
 def test_pytorch_matches_numpy_reference_on_exported_weights(name, tmp_path):
     model = get_peft_model(tiny_models.build("gemma3"), DoubterConfig(
         target_layers=[1, 2, 3], cross_attn_layers=[2, 3], encoder_bottleneck_dim=32, ca_bottleneck_dim=32,
-        **CASES[name]))
+        **{**tiny_models.TWO_PASS, **CASES[name]}))
     torch.manual_seed(0)
     with torch.no_grad():
         for param_name, param in model.named_parameters():

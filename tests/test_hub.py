@@ -56,7 +56,7 @@ RUN_REPO = "test/doubter-run"
 MODEL_REPO = "test/doubter-model"
 WRONG_TOKEN_REPO = "test/wrong-token"
 FAILING_REPO = "test/server-error"  # its commit endpoint answers 500
-CONFIG = {"target_layers": [2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
+CONFIG = {"target_layers": [2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32, **tiny_models.TWO_PASS}
 N_TEST = 60
 RUN_FILES = {
     ".gitattributes", "README.md", "adapter_model.safetensors", "adapter_config.json", SIDECAR_NAME, "run.json",

@@ -469,8 +469,8 @@ def test_decision_confidence_matches_pytorch(tmp_path, build_dir, gemma_f32):
     from peft_doubter.tuner.confidence import decision_log_odds
 
     f32 = gemma_f32
-    config = DoubterConfig(target_layers=[6, 12, 17], cross_attn_layers=[9, 14, 17], confidence="decision",
-                           ca_gate_init=0.3)
+    config = DoubterConfig(target_layers=[6, 12, 17], cross_attn_layers=[9, 14, 17], read_position="prompt",
+                           confidence="decision", ca_gate_init=0.3)
     model, tokenizer = randomized_doubter(config)
     tensors, metadata = doubter_tensors(model)
     write_sidecar(tmp_path / "d.gguf", tensors, metadata)

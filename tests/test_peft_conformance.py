@@ -27,7 +27,7 @@ from peft_doubter import DoubterConfig
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2")
 # init_weights=False: the adapter changes the output from the start (PEFT's convention for these tests).
 KWARGS = {"target_layers": [1, 2, 3], "cross_attn_layers": [2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32,
-              "init_weights": False}
+              "init_weights": False, **tiny_models.TWO_PASS}
 families = pytest.mark.parametrize("family", FAMILIES)
 
 

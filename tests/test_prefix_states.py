@@ -18,7 +18,7 @@ from peft_doubter.training.trainer import DoubterCollator, target_loss
 
 
 CONFIG = {"target_layers": [1, 2, 3], "cross_attn_layers": [2, 3], "encoder_bottleneck_dim": 32,
-          "ca_bottleneck_dim": 32, "init_weights": False}
+          "ca_bottleneck_dim": 32, "init_weights": False, **tiny_models.TWO_PASS}
 
 
 def sequences(count: int = 5, seed: int = 0) -> datasets.Dataset:

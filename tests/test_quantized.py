@@ -34,7 +34,7 @@ def test_quantized_base_trains_generates_and_round_trips(kind, base_dir, tmp_pat
     with torch.no_grad():
         reference = base(input_ids=ids).logits
     model = get_peft_model(base, DoubterConfig(target_layers=[1, 2, 3], encoder_bottleneck_dim=32,
-                                               ca_bottleneck_dim=32))
+                                               ca_bottleneck_dim=32, **tiny_models.TWO_PASS))
     model.train()
     labels = ids.masked_fill(torch.arange(10) < 5, -100)
     model(input_ids=ids, labels=labels).loss.backward()

@@ -25,7 +25,7 @@ def test_two_pass_on_gemma_3_270m(gemma, tmp_path):
     with torch.no_grad():
         plain = base.generate(**inputs, max_new_tokens=8, do_sample=False)
         plain_logits = base(**inputs).logits
-    model = get_peft_model(base, DoubterConfig(target_layers="late"))
+    model = get_peft_model(base, DoubterConfig(target_layers="late", read_position="prompt", confidence="decision"))
     assert model.base_model._plans["default"].read == list(range(12, 18))
     torch.manual_seed(0)
     with torch.no_grad():

@@ -142,6 +142,26 @@ def test_features_captured_during_generation_equal_pass1():
     torch.testing.assert_close(capture.stacked(), expected, rtol=0, atol=1e-5)
 
 
+def test_an_empty_answer_is_read_as_no_answer_tokens():
+    """A draft that ends at once (an empty answer) has no answer tokens: its row reads none (mask all false) and the
+    attentive encoder scores it from the layer tokens and the pooling's null key, beside longer answers."""
+    from peft_doubter.data.sequences import cached_reading
+    from peft_doubter.names import TOKEN_SIGNALS
+
+    rng = np.random.default_rng(0)
+    rows = [{"features": rng.normal(size=(3, 64)).astype(np.float32),
+             "answer_states": rng.normal(size=(length, 3, 64)).astype(np.float16),
+             "token_signals": rng.normal(size=(length, len(TOKEN_SIGNALS))).astype(np.float32)} for length in (0, 2)]
+    reading = cached_reading(rows)
+    assert reading.answer_mask.tolist() == [[False, False], [True, True]]
+    assert float(reading.answer_states[0].abs().sum()) == 0.0
+    encoder = get_peft_model(tiny_models.build("llama"), DoubterConfig(
+        target_layers=[1, 2, 3], encoder_bottleneck_dim=32, ca_bottleneck_dim=32, answer_tokens=2)
+    ).base_model.doubter_encoder["default"]
+    with torch.no_grad():
+        assert torch.isfinite(encoder.confidence_log_odds(encoder(reading))).all()
+
+
 def test_targets_confirm_refuse_and_correct():
     config = DoubterConfig(enable_self_correction=True, correction_ratio=0.5)
     right = {"id": "a", "correct": True, "pass1_answer": "Paris", "answers": ["Paris, France"], "choices": [],
@@ -236,7 +256,8 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
                      "--target-layers", "1,2,3", "--encoder-bottleneck-dim", "32", "--ca-bottleneck-dim", "32",
                      "--shard-size", "16", "--num-train-epochs", "1", "--probe-epochs", "1",
                      "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "1",
-                     "--n-resamples", "50", "--output-name", "quick"])
+                     "--read-position", "prompt", "--encoder-type", "selective", "--confidence", "decision",
+                     "--text-behaviour", "two-pass", "--n-resamples", "50", "--output-name", "quick"])
     out = capsys.readouterr().out
     assert code == 0
     assert "| doubter |" in out and "| probe |" in out and "| p_min_token |" in out and "Risk control" in out
@@ -254,6 +275,7 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
         again = stored.recomputed(name)
         for key in ("auroc", "aurc", "sel_acc@20", "sel_acc@50", "ece", "brier"):
             assert again[key] == pytest.approx(reported[key], abs=1e-12, nan_ok=True), (name, key)
+    assert read_manifest(run_dir)["train"]["args"]["train_injection"] is True
     assert cli.main(["eval", "--run-dir", str(run_dir), "--text-behaviour", "none", "--n-resamples", "20"]) == 0
     ranking = json.loads((run_dir / "eval" / "report.json").read_text())
     assert "examples" not in ranking["meta"] and "doubter" in capsys.readouterr().out
@@ -280,6 +302,29 @@ def test_cli_quickstart_eval_and_ask(workspace, tmp_path, capsys):
         assert asked.text == row["pass1_answer"] and not asked.declined
         declined = ask(run_dir, row["question"], tokens, model, tokenizer, threshold=float(confidence) + 1e-3)
         assert declined.declined and declined.text == refusal
+
+def test_cli_quickstart_with_the_defaults_is_the_head_only_doubter(workspace, tmp_path, capsys):
+    """Without Doubter options quickstart builds the default Doubter (answer reading, attentive encoder, its
+    confidence head fit on its own, no LM stage), reports its thresholded text, and `ask` without --threshold answers
+    at the calibrated threshold, with the confidence."""
+    run_dir = tmp_path / "run"
+    code = cli.main(["quickstart", "--run-dir", str(run_dir), "--model", str(workspace["model"]), "--dataset",
+                     str(workspace["dataset"]), "--limit", "none", "--k-shot", "0", "--max-new-tokens", "3",
+                     "--target-layers", "1,2,3", "--encoder-bottleneck-dim", "32", "--ca-bottleneck-dim", "32",
+                     "--shard-size", "16", "--head-epochs", "2", "--n-resamples", "20"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "What the thresholded Doubter wrote" in out
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["read_position"], adapter["encoder_type"], adapter["confidence"]) == ("answer", "attentive", "head")
+    train = read_manifest(run_dir)["train"]
+    assert train["args"]["fit_confidence_head"] is True and train["args"]["train_injection"] is False
+    assert train["metrics"]["head_fit_val_auroc"] is not None and not list((run_dir / CHECKPOINTS_DIR).glob("*"))
+    assert cli.main(["ask", "--run-dir", str(run_dir), "w12", "w13"]) == 0
+    default = capsys.readouterr().out
+    assert cli.main(["ask", "--run-dir", str(run_dir), "--threshold", "calibrated", "w12", "w13"]) == 0
+    assert default == capsys.readouterr().out and "confidence" in default
+
 
 def test_cli_errors_are_clear_and_lose_nothing(workspace, tmp_path, capsys):
     assert cli.main(["train", "--run-dir", str(tmp_path / "empty")]) == 2
@@ -475,18 +520,24 @@ def test_fitted_confidence_head_is_frozen_through_the_lm_stage(workspace, tmp_pa
 
 
 def test_head_only_doubter_fits_the_head_and_writes_the_thresholded_answer(workspace, tmp_path):
-    """`train_injection=False`: training ends after the head's fit (no LM step, no checkpoint, no lower-layer cache;
-    the injection keeps its identity start). Its evaluation reports the thresholded text, which is the base's own
-    answer exactly where the confidence reaches the calibrated threshold; two-pass text is refused for it."""
+    """A head Doubter's default training (`fit_confidence_head` on, `train_injection` off): training ends after the
+    head's fit (no LM step, no checkpoint, no lower-layer cache; the injection keeps its identity start). Its
+    evaluation reports the thresholded text by default, which is the base's own answer exactly where the confidence
+    reaches the calibrated threshold; two-pass text is refused for it."""
     with pytest.raises(ValueError, match="set `fit_confidence_head=True`"):
-        DoubterSFTConfig(output_dir=str(tmp_path / "x"), train_injection=False)
+        DoubterSFTConfig(output_dir=str(tmp_path / "x"), fit_confidence_head=False, train_injection=False)
+    with pytest.raises(ValueError, match="set `fit_confidence_head=True`"):
+        DoubterSFTConfig(output_dir=str(tmp_path / "x"), fit_confidence_head=False,
+                         train_injection=False).resolve_stages("head")
     run_dir = tmp_path / "run"
     shutil.copytree(workspace["run"], run_dir)
-    args = {"fit_confidence_head": True, "train_injection": False, "head_epochs": 3}
+    args = {"head_epochs": 3}
     trainer = stages.train_run(run_dir, args, {"confidence": "head"})
+    assert trainer.args.fit_confidence_head and not trainer.args.train_injection
     assert trainer.state.global_step == 0 and not list((run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"))
     assert not (run_dir / PREFIX_STATES_DIR).exists()
     train = read_manifest(run_dir)["train"]
+    assert train["args"]["fit_confidence_head"] is True and train["args"]["train_injection"] is False
     assert train["metrics"]["head_fit_val_auroc"] == trainer.head_fit.val_auroc
     assert train["log_history"][0]["head_fit_epoch"] == trainer.head_fit.epoch
     model, _, _ = stages.load_run_model(run_dir)
@@ -501,8 +552,8 @@ def test_head_only_doubter_fits_the_head_and_writes_the_thresholded_answer(works
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved), "reproducible"
 
     with pytest.raises(ValueError, match="--text-behaviour thresholded"):
-        stages.eval_run(run_dir, EvalConfig(n_resamples=20))
-    report = stages.eval_run(run_dir, EvalConfig(n_resamples=20, text_behaviour="thresholded"))
+        stages.eval_run(run_dir, EvalConfig(n_resamples=20, text_behaviour="two-pass"))
+    report = stages.eval_run(run_dir, EvalConfig(n_resamples=20))
     threshold = read_manifest(run_dir)["evaluations"]["eval"]["threshold"]
     confidence = np.asarray(report.scores["doubter"]["confidence"])
     test = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"]
@@ -527,7 +578,7 @@ def test_head_confidence_trains_scores_from_pass_one_and_exports(workspace, tmp_
     run_dir = tmp_path / "run"
     shutil.copytree(workspace["run"], run_dir)
     args = {"num_train_epochs": 2, "per_device_train_batch_size": 4, "probe_epochs": 1, "learning_rate": 2e-3,
-            "early_stopping_patience": None}
+            "early_stopping_patience": None, "fit_confidence_head": False}  # trained jointly with the LM loss
     trainer = stages.train_run(run_dir, args, {"confidence": "head"})
     encoder = trainer.model.base_model.doubter_encoder["default"]
     assert encoder.confidence_head is not None
@@ -623,7 +674,7 @@ def test_multiple_choice_answer_reading_reads_the_chosen_option(workspace, tmp_p
                                          "num_train_epochs": 1, "per_device_train_batch_size": 8}, {})
     assert trainer.head_fit.val_auroc is not None and trainer.state.global_step > 0, "the LM stage reads options too"
     with pytest.raises(ValueError, match="drafts an open answer, while the Doubter read the chosen option"):
-        stages.eval_run(run_dir, EvalConfig(n_resamples=20))
+        stages.eval_run(run_dir, EvalConfig(n_resamples=20, text_behaviour="two-pass"))
     report = stages.eval_run(run_dir, EvalConfig(n_resamples=20, text_behaviour="thresholded"))
     test = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"]
     assert len(report.scores["doubter"]["confidence"]) == len(test)

@@ -20,6 +20,9 @@ from transformers import (
 )
 
 
+# The original two-pass Doubter (prompt reading, selective encoder, decision confidence; `DoubterConfig`'s defaults
+# are the head-only Doubter reading the answer): what the tests of the two-pass mechanics build.
+TWO_PASS = {"read_position": "prompt", "encoder_type": "selective", "confidence": "decision"}
 VOCAB = 128
 LAYERS = 4
 _COMMON = {

@@ -40,7 +40,8 @@ def write_questions(path: Path, count: int = 60, seed: int = 0, answers: dict[st
 
 
 PROMPT_SETTINGS = {"style": "completion", "k_shot": 0}
-DOUBTER_SETTINGS = {"target_layers": [1, 2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32}
+DOUBTER_SETTINGS = {"target_layers": [1, 2, 3], "encoder_bottleneck_dim": 32, "ca_bottleneck_dim": 32,
+                    **tiny_models.TWO_PASS}
 
 
 def collect_settings(model_dir: Path, dataset: Path, **overrides) -> dict:

@@ -49,7 +49,8 @@ def _ask_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Longest answer.")
     parser.add_argument("--threshold", help="Answer with the base's own answer only when the Doubter's confidence in "
                         "it is at least this ('calibrated': the threshold certified by `peft-doubter eval`). "
-                        "Default: greedy two-pass text.")
+                        "Default: 'calibrated' for a run whose injection was not trained (the default head-only "
+                        "Doubter), else greedy two-pass text.")
 
 
 def _push_options(parser: argparse.ArgumentParser) -> None:
@@ -178,9 +179,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             show_examples(run_dir, config.output_name)
     if args.command == "ask":
         from ..runs.ask import ask
+        from ..runs.manifest import injection_trained, read_manifest
 
-        answer = ask(run_dir, " ".join(args.question), args.max_new_tokens,
-                     threshold=_threshold(run_dir, args.threshold))
+        threshold = args.threshold
+        if threshold is None and not injection_trained(read_manifest(run_dir)):
+            threshold = "calibrated"  # a head-only Doubter's two-pass text is the base's own answer
+        answer = ask(run_dir, " ".join(args.question), args.max_new_tokens, threshold=_threshold(run_dir, threshold))
         confidence = "" if answer.confidence is None else f" (confidence {answer.confidence:.3f})"
         print(("[declined] " if answer.declined else "") + answer.text + confidence)
     if args.command == "agent" and args.action == "run":

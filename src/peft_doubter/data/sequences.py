@@ -80,8 +80,8 @@ def cached_reading(rows: Sequence[dict[str, Any]], features_key: str = "features
     token_signals = torch.zeros((len(rows), longest, len(TOKEN_SIGNALS)))
     mask = torch.zeros((len(rows), longest), dtype=torch.bool)
     for index, (state, signal) in enumerate(zip(states, signals)):
-        answer_states[index, : len(state)] = state.reshape(len(state), layers, -1)
-        token_signals[index, : len(signal)] = signal.reshape(len(signal), -1)
+        answer_states[index, : len(state)] = state.reshape(len(state), layers, hidden)  # an empty answer reads none
+        token_signals[index, : len(signal)] = signal.reshape(len(signal), len(TOKEN_SIGNALS))
         mask[index, : len(state)] = True
     options = [row.get("option_logprobs", ()) for row in rows]
     choices = choice_signals(options) if any(len(scores) for scores in options) else None

@@ -52,11 +52,12 @@ class EvalConfig:
     n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
     eval_batch_size: int = field(default=8, metadata={"help": "Questions per evaluation batch."})
     text_behaviour: str = field(
-        default="two-pass",
-        metadata={"help": f"The text written, reported beside the ranking: one of {TEXT_BEHAVIOURS}. 'two-pass' "
-                  "generates greedily with the adapter; 'thresholded' is what `ask --threshold calibrated` and the "
-                  "server write (the base's own answer where the confidence reaches the calibrated threshold, "
-                  "else the refusal; no generation); 'none' reports the ranking only."},
+        default="thresholded",
+        metadata={"help": f"The text written, reported beside the ranking: one of {TEXT_BEHAVIOURS}. 'thresholded' "
+                  "is what `ask --threshold calibrated`, the agent and the server write (the base's own answer where "
+                  "the confidence reaches the calibrated threshold, else the refusal; no generation); 'two-pass' "
+                  "generates greedily with the adapter (a Doubter whose injection was trained); 'none' reports the "
+                  "ranking only."},
     )
     max_answer_tokens: int = field(default=24, metadata={"help": "Longest generated answer in evaluation."})
     max_questions: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N questions."})

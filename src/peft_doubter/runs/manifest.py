@@ -40,6 +40,12 @@ def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     write_json(Path(run_dir) / RUN_MANIFEST, manifest)
 
 
+def injection_trained(manifest: dict[str, Any]) -> bool:
+    """Whether a trained run's injection was trained (its two-pass text differs from the base's); a head-only run
+    (`train_injection=False`) is used thresholded."""
+    return manifest.get("train", {}).get("args", {}).get("train_injection", True) is not False
+
+
 def collection_differences(previous: dict[str, Any], collect: dict[str, Any], prompt: dict[str, Any],
                            doubter: dict[str, Any]) -> list[str]:
     """The settings in which a new `collect` on a run directory differs from the collection it holds."""

@@ -50,6 +50,7 @@ from .manifest import (
     READ_SIDE,
     build_doubter_config,
     collection_differences,
+    injection_trained,
     load_base,
     load_questions,
     read_manifest,
@@ -201,6 +202,7 @@ def _train(run_dir: Path, manifest: dict[str, Any], training_args: DoubterSFTCon
     config = model.peft_config["default"]
     rows = build_training_set(cache, tokenizer, config, prompt.mc_format, prompt.style == "chat",
                               seed=manifest["collect"]["sample_seed"])
+    training_args.resolve_stages(config.confidence)
     if training_args.train_from_cache and training_args.train_injection:  # a head-only fit runs no pass 2
         with training_args.main_process_first(desc="caching lower-layer states"):  # other processes then read it
             rows = attach_prefix_states(model, rows, run_dir / PREFIX_STATES_DIR)
@@ -301,8 +303,7 @@ def _evaluate(run_dir: Path, config: EvalConfig, model, tokenizer) -> Evaluation
     prompt = PromptConfig(**test_manifest["prompt"])
     title = (f"Doubter evaluation: {manifest['collect']['model']} trained on {manifest['collect']['dataset']}, "
              f"tested on {test_manifest['collect']['dataset']} ({config.eval_split})")
-    injection_trained = manifest.get("train", {}).get("args", {}).get("train_injection", True)
-    if config.text_behaviour == "two-pass" and not injection_trained:
+    if config.text_behaviour == "two-pass" and not injection_trained(manifest):
         raise ValueError(f"{run_dir}'s injection was not trained (train_injection=False): its two-pass text is the "
                          "base's own. Evaluate it with --text-behaviour thresholded (what it writes) or none.")
     answer_read = model.peft_config[model.active_adapter].read_position == "answer"

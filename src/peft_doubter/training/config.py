@@ -12,7 +12,10 @@ from trl import SFTConfig
 
 @dataclass
 class DoubterSFTConfig(SFTConfig):
-    """Training arguments of the Doubter's two-pass loss.
+    """Training arguments of the Doubter: the confidence head's fit and the two-pass loss.
+
+    Which stages run follows the Doubter's confidence unless set (`resolve_stages`): a head (the default Doubter) is
+    fit on the cached readings alone, in seconds; a decision or ratio confidence is trained with the two-pass loss.
 
     Changed defaults of `SFTConfig` (grouped as in TRL):
     - schedule: `learning_rate=2e-4`, cosine with 5% warm-up, 6 epochs with early stopping on validation AUROC of
@@ -36,19 +39,21 @@ class DoubterSFTConfig(SFTConfig):
     )
     probe_epochs: int = field(default=30, metadata={"help": "Epochs of projector probe pre-training."})
     probe_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of probe pre-training."})
-    fit_confidence_head: bool = field(
-        default=False,
+    fit_confidence_head: Optional[bool] = field(
+        default=None,
         metadata={"help": "With confidence='head': first fit the encoder and its head on the confidence alone from "
                           "the cached readings (epoch chosen on the eval set's AUROC; replaces projector "
                           "pre-training), then freeze them, so the LM stage trains the injection only, without the "
-                          "confidence loss, and checkpoints on eval loss (an `auroc` metric is changed to `loss`)."},
+                          "confidence loss, and checkpoints on eval loss (an `auroc` metric is changed to `loss`). "
+                          "Default: true for a Doubter with confidence='head', else false."},
     )
-    train_injection: bool = field(
-        default=True,
-        metadata={"help": "After `fit_confidence_head`: train the injection with the two-pass loss (the LM stage). "
-                          "False stops after the head's fit (seconds): the injection keeps its identity start, so "
-                          "pass 2 writes what the base writes, and the Doubter is used thresholded (the base's own "
-                          "answer where the head's confidence reaches the threshold, else the refusal)."},
+    train_injection: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Train the injection with the two-pass loss (the LM stage; after `fit_confidence_head` "
+                          "if that is on). False stops after the head's fit (seconds): the injection keeps its "
+                          "identity start, so pass 2 writes what the base writes, and the Doubter is used "
+                          "thresholded (the base's own answer where the head's confidence reaches the threshold, "
+                          "else the refusal). Default: false when the head is fit, else true."},
     )
     head_epochs: int = field(default=8, metadata={"help": "Epochs of `fit_confidence_head`."})
     head_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of `fit_confidence_head`."})
@@ -109,6 +114,17 @@ class DoubterSFTConfig(SFTConfig):
             raise ValueError(f"`probe_epochs` must be >= 0, got {self.probe_epochs}.")
         if self.head_epochs < 1:
             raise ValueError(f"`head_epochs` must be >= 1, got {self.head_epochs}.")
+        if self.train_injection is False and self.fit_confidence_head is False:
+            raise ValueError("`train_injection=False` leaves only the confidence head to train: set "
+                             "`fit_confidence_head=True` (with confidence='head').")
+
+    def resolve_stages(self, confidence: str) -> None:
+        """Fill `fit_confidence_head` and `train_injection` left unset from the Doubter's `confidence` (a head is fit
+        on its own and used thresholded; any other confidence is trained with the two-pass loss)."""
+        if self.fit_confidence_head is None:
+            self.fit_confidence_head = confidence == "head"
+        if self.train_injection is None:
+            self.train_injection = not self.fit_confidence_head
         if not self.train_injection and not self.fit_confidence_head:
             raise ValueError("`train_injection=False` leaves only the confidence head to train: set "
                              "`fit_confidence_head=True` (with confidence='head').")

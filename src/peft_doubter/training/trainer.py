@@ -243,6 +243,7 @@ class DoubterTrainer(SFTTrainer):
         if not self.step_scored and args.metric_for_best_model in ("auroc", "eval_auroc"):
             raise ValueError("Checkpoints are chosen on the validation AUROC of the decision or head confidence; "
                              "with confidence='ratio' set `metric_for_best_model='loss'` and `greater_is_better=False`.")
+        args.resolve_stages(self.confidence)
         if args.fit_confidence_head:
             if self.confidence != "head":
                 raise ValueError("`fit_confidence_head` fits the confidence head: build the Doubter with "

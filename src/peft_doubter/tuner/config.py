@@ -56,6 +56,11 @@ class DoubterConfig(PeftConfig):
     The Doubter reads the frozen base model's hidden states at the read layers (`target_layers`) in a first pass,
     encodes them into cognitive tokens, and injects those through a gated bottleneck cross-attention after each inject
     layer (`cross_attn_layers`) in a second pass. Field names follow the original meta-spider API.
+
+    The defaults are the measured winner: pass 1 reads the base's own answer (`read_position='answer'`) with the
+    attentive encoder, and the confidence is the encoder's head (`confidence='head'`), which `DoubterTrainer` fits on
+    its own and, unless asked to, does not follow with the injection's two-pass training. The original two-pass
+    Doubter is `read_position='prompt', confidence='decision'`.
     """
 
     target_layers: LayerSpec = field(
@@ -66,12 +71,13 @@ class DoubterConfig(PeftConfig):
         default=None,
         metadata={"help": "Layers after which cognitive tokens are injected in pass 2. Defaults to `target_layers`."},
     )
-    encoder_type: str = field(
-        default="selective",
+    encoder_type: Optional[str] = field(
+        default=None,
         metadata={
             "help": "Cognitive encoder: 'selective' (one token per read layer), 'multi_token' (learned queries), "
             "'transformer' (two self-attention blocks over the layer tokens) or 'attentive' (one token per read "
-            "layer plus `answer_tokens` pooled over every token of the base's own answer and its signals)."
+            "layer plus `answer_tokens` pooled over every token of the base's own answer and its signals). "
+            "Default: 'attentive' with read_position='answer', else 'selective'."
         },
     )
     pooling: str = field(
@@ -82,7 +88,7 @@ class DoubterConfig(PeftConfig):
         },
     )
     read_position: str = field(
-        default="prompt",
+        default="answer",
         metadata={
             "help": "Where pass 1 reads: 'prompt' (the prompt's last token, the original design) or 'answer' (the "
             "last token of the base's own greedy draft answer: in generation pass 1 drafts the answer with the "
@@ -99,7 +105,7 @@ class DoubterConfig(PeftConfig):
                   "of the base's own answer (added to the one token per read layer)."},
     )
     confidence: str = field(
-        default="decision",
+        default="head",
         metadata={
             "help": "The confidence the Doubter reports, ranks and is thresholded on: 'decision' (1 - the "
             "probability that pass 2 starts the refusal, at the first answer position; independent of the answer's "
@@ -213,6 +219,8 @@ class DoubterConfig(PeftConfig):
         _check_layer_spec("target_layers", self.target_layers)
         if self.cross_attn_layers is not None:
             _check_layer_spec("cross_attn_layers", self.cross_attn_layers)
+        if self.encoder_type is None:
+            self.encoder_type = "attentive" if self.read_position == "answer" else "selective"
         if self.encoder_type not in ENCODER_TYPES:
             raise ValueError(f"`encoder_type` must be one of {ENCODER_TYPES}, got {self.encoder_type!r}.")
         if self.pooling not in POOLINGS:
