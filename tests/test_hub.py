@@ -348,6 +348,27 @@ def test_card_says_when_over_refusal_is_unmeasured(decline_below, sentence):
     assert sentence in card.text and "share of its refusals" not in card.text
 
 
+def test_card_of_the_default_doubter_gives_the_answer_with_its_confidence(capsys):
+    """The default Doubter (answer reading, confidence head) is described as such, and its card's Python snippet
+    drafts the base's answer and prints it with the head's confidence; it runs as written on a tiny model. The
+    two-pass Doubter's card generates instead."""
+    head = doubter_card(DoubterConfig(target_layers=[2, 3]), "user/head", base_model_info("gemma-3-270m")).text
+    assert "reads the hidden states of the answer's tokens" in head and "A linear head on the cognitive tokens" in head
+    snippet = re.search(r"```python\n(.*?)```", head, re.DOTALL).group(1)
+    assert "head_log_odds(draft.reading)" in snippet and "generate(" not in snippet
+    imports = [line for line in snippet.splitlines() if line.startswith(("import torch", "from peft_doubter.data"))]
+    runnable = "\n".join(imports) + "\n" + snippet[snippet.index("inputs = tokenizer("):]
+    model = get_peft_model(tiny_models.build("llama"), DoubterConfig(target_layers=[2, 3], encoder_bottleneck_dim=32,
+                                                                     ca_bottleneck_dim=32))
+    namespace = {"model": model, "tokenizer": tiny_run.tiny_tokenizer()}
+    exec(runnable, namespace)  # noqa: S102 - the card's own code
+    printed = capsys.readouterr().out
+    assert 0.0 < namespace["confidence"] < 1.0 and printed.strip().endswith(f"{namespace['confidence']}")
+    two_pass = doubter_card(DoubterConfig(**CONFIG), "user/two-pass", base_model_info("gemma-3-270m")).text
+    assert "model.generate(**inputs" in two_pass and "head_log_odds" not in two_pass
+    assert "reads the hidden state of the last prompt token" in two_pass
+
+
 def test_card_of_a_run_on_several_sources_names_each_with_its_questions(tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("{}\n")
