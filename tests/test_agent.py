@@ -8,6 +8,7 @@ import math
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -194,6 +195,22 @@ def test_text_mode_follows_what_pass_2_writes(trained):
                                                                "choices": [], "label": -1}], manifest["exemplars"])[0]
     refused = written.startswith("I'm not confident")
     assert (result.action != "answer") == refused and result.scorer == "text"
+
+
+def test_text_mode_is_refused_for_a_head_only_doubter(trained, tmp_path):
+    """A head-only Doubter's pass 2 writes the base's own answer and never declines: the text-mode gate is refused
+    with the fix named, and `agent eval` leaves it out unless asked (then it is refused too)."""
+    from peft_doubter.runs.agents import agent_eval, build_agent
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["run"], run_dir)
+    for name in ("adapter", "eval"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    stages.train_run(run_dir, {"head_epochs": 1}, {"confidence": "head"})
+    with pytest.raises(ValueError, match="injection was not trained.*Use --mode confidence"):
+        build_agent(run_dir, mode="text")
+    with pytest.raises(ValueError, match="injection was not trained.*Leave text mode off"):
+        agent_eval(run_dir, str(trained["corpus"]), text_mode=True)
 
 
 def synthetic_cache(n: int = 200, seed: int = 0) -> datasets.Dataset:

@@ -81,7 +81,7 @@ def _agent_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", type=int, default=20, help="(eval) Live agent runs that must reproduce the "
                         "simulated actions.")
     parser.add_argument("--target-risk", type=float, help="(eval) Risk target of the calibrated policy.")
-    parser.add_argument("--no-text-mode", action="store_true", help="(eval) Skip the pass-2 text (text mode).")
+    parser.add_argument("--no-text-mode", action="store_true", help="(eval) Skip the pass-2 text (text mode; skipped anyway for a run whose injection was not trained).")
     parser.add_argument("--json", action="store_true", help="(run) Print the whole result as JSON.")
 
 
@@ -208,7 +208,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if not args.corpus:
             raise ValueError("agent eval needs --corpus (the lookup tool's passages).")
         result = agent_eval(run_dir, args.corpus, args.questions_from, max_questions=args.max_questions,
-                            verify=args.verify, target_risk=args.target_risk, text_mode=not args.no_text_mode)
+                            verify=args.verify, target_risk=args.target_risk, text_mode=False if args.no_text_mode else None)
         print(json.dumps({k: result[k] for k in ("n", "closed_book_accuracy", "open_book_accuracy",
                                                   "answer_recall_top_k")}, indent=2))
     if args.command == "chat":

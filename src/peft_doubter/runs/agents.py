@@ -18,7 +18,7 @@ from ..data.collection import load_cache, make_judge
 from ..data.prompts import PromptConfig
 from ..names import AGENT_SCORERS as SCORERS
 from ..paths import check_writable, run_directory_lock
-from .manifest import read_manifest, write_manifest
+from .manifest import injection_trained, read_manifest, write_manifest
 from .stages import load_run_model
 
 
@@ -89,6 +89,9 @@ def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doub
         model, tokenizer, manifest = load_run_model(run_dir)
     else:
         manifest = read_manifest(run_dir)
+    if mode == "text" and not injection_trained(manifest):
+        raise ValueError(f"{run_dir}'s injection was not trained (a head-only Doubter): pass 2 writes the base's own "
+                         "answer and never declines, so there is no text to gate on. Use --mode confidence.")
     registry = lookup_registry(corpus, lookup_k)
     scorers = make_scorers([scorer], model, tokenizer, manifest, run_dir) if mode == "confidence" else {
         scorer: RandomScorer()}
@@ -100,14 +103,20 @@ def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doub
 
 def agent_eval(run_dir: Path, corpus: str, questions_from: Optional[str] = None, scorers: Optional[list[str]] = None,
                max_questions: Optional[int] = None, verify: int = 0, target_risk: Optional[float] = None,
-               text_mode: bool = True, lookup_k: int = 1) -> dict[str, Any]:
+               text_mode: Optional[bool] = None, lookup_k: int = 1) -> dict[str, Any]:
     """Cache closed- and open-book drafts of the calibration (val) and test questions, compare every policy, and
     record each scorer's calibrated thresholds in run.json. `questions_from` takes the questions from another run
-    (same base; the run's Doubter then works zero-shot on them)."""
+    (same base; the run's Doubter then works zero-shot on them). `text_mode` (the seeds' gate on pass 2's text)
+    defaults to whether the run's injection was trained."""
     run_dir = Path(run_dir)
     check_writable(run_dir / AGENT_DIR)
     with run_directory_lock(run_dir):
         model, tokenizer, manifest = load_run_model(run_dir)
+        if text_mode is None:
+            text_mode = injection_trained(manifest)
+        elif text_mode and not injection_trained(manifest):
+            raise ValueError(f"{run_dir}'s injection was not trained (a head-only Doubter): its pass-2 text is the "
+                             "base's own answer, so the text-mode gate has nothing to compare. Leave text mode off.")
         names = scorers or list(SCORERS)
         made = make_scorers(names, model, tokenizer, manifest, run_dir)
         agent, _ = build_agent(run_dir, corpus, names[0], "1", "1", model=model, tokenizer=tokenizer,
