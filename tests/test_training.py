@@ -26,7 +26,7 @@ from peft_doubter.evaluation.confidence import doubter_log_odds, sigmoid
 from peft_doubter.evaluation.metrics import auroc
 from peft_doubter.evaluation.protocol import EvalConfig
 from peft_doubter.evaluation.report import EvaluationReport
-from peft_doubter.names import CHECKPOINTS_DIR, PREFIX_STATES_DIR
+from peft_doubter.names import CHECKPOINTS_DIR, PREFIX_STATES_DIR, SIDECAR_FILE
 from peft_doubter.runs import stages
 from peft_doubter.runs.ask import ask
 from peft_doubter.runs.manifest import build_doubter_config, read_manifest
@@ -679,6 +679,9 @@ def test_multiple_choice_answer_reading_reads_the_chosen_option(workspace, tmp_p
     test = [row for row in load_cache(run_dir / "cache") if row["split"] == "test"]
     assert len(report.scores["doubter"]["confidence"]) == len(test)
     assert "option_msp" in report.scores
+    with pytest.raises(ValueError, match="multiple-choice questions has no llama.cpp implementation"):
+        stages.export_run(run_dir)  # llama.cpp drafts open answers and reads no option scores
+    assert not (run_dir / SIDECAR_FILE).exists()
 
 
 def test_a_run_collects_several_sources_and_counts_each(workspace, tmp_path):

@@ -379,3 +379,9 @@ def _answer_parts(reading: Reading, answer_ids: Sequence[Sequence[int]]) -> list
 def load_cache(cache_dir: Path) -> datasets.Dataset:
     """All finished shards of a cache, in order."""
     return load_shards(cache_dir, f"No activation cache in {cache_dir}: run `peft-doubter collect` first.")
+
+
+def cache_is_multiple_choice(cache_dir: Path) -> bool:
+    """Whether a cache holds multiple-choice questions (a collection never mixes them with open ones)."""
+    cache = load_cache(cache_dir)
+    return len(cache) > 0 and len(cache[0]["choices"]) > 0

@@ -248,14 +248,19 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     return tensors, meta
 
 
-def not_exportable(config: Any) -> str | None:
-    """Why a Doubter with this `DoubterConfig` has no llama.cpp implementation, or None when it exports."""
+def not_exportable(config: Any, multiple_choice: bool = False) -> str | None:
+    """Why a Doubter with this `DoubterConfig` (trained on `multiple_choice` questions) has no llama.cpp
+    implementation, or None when it exports."""
     if config.confidence not in SIDECAR_CONFIDENCES:
         return (f"confidence={config.confidence!r} has no llama.cpp implementation yet: the sidecar holds Doubters "
                 f"with the confidences {SIDECAR_CONFIDENCES}.")
     if config.read_position == "answer" and config.pooling != ANSWER_READING_POOLING:
         return (f"read_position='answer' with pooling={config.pooling!r} has no llama.cpp implementation: llama.cpp "
                 f"reads the answer as its draft goes, with pooling={ANSWER_READING_POOLING!r}.")
+    if config.read_position == "answer" and multiple_choice:
+        return ("read_position='answer' on multiple-choice questions has no llama.cpp implementation: the Doubter "
+                "reads the chosen option and the option scores, while llama.cpp drafts an open answer. Serve it "
+                "with PyTorch (`peft-doubter serve --backend pytorch`).")
     return None
 
 

@@ -23,6 +23,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
+from ..data.collection import cache_is_multiple_choice
 from ..deploy.sidecar import not_exportable
 from ..evaluation.report import EvaluationReport
 from ..names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_MANIFEST, SIDECAR_FILE
@@ -85,7 +86,9 @@ def _finished_run(run_dir: Union[str, os.PathLike], base_model: Optional[str], l
         raise FileNotFoundError(f"{run_dir / RUN_MANIFEST} records no trained adapter: {train_hint}.")
     adapter_dir = run_dir / manifest["adapter"]
     config = _check_adapter_dir(adapter_dir, train_hint)
-    if not_exportable(config) is None and not (run_dir / SIDECAR_FILE).is_file():
+    cache = run_dir / manifest.get("cache", "")
+    multiple_choice = "cache" in manifest and cache.is_dir() and cache_is_multiple_choice(cache)
+    if not_exportable(config, multiple_choice) is None and not (run_dir / SIDECAR_FILE).is_file():
         raise FileNotFoundError(
             f"No GGUF sidecar at {run_dir / SIDECAR_FILE}: run `peft-doubter export --run-dir {run_dir}` first."
         )

@@ -21,10 +21,18 @@ import datasets
 from peft import get_peft_model
 from transformers import set_seed
 
-from ..data.collection import CollectConfig, cache_identity, check_cache_identity, collect, load_cache, make_judge
+from ..data.collection import (
+    CollectConfig,
+    cache_identity,
+    cache_is_multiple_choice,
+    check_cache_identity,
+    collect,
+    load_cache,
+    make_judge,
+)
 from ..data.prefix_states import attach_prefix_states, prefix_states
 from ..data.prompts import PromptConfig
-from ..deploy.sidecar import doubter_tensors, write_sidecar
+from ..deploy.sidecar import doubter_tensors, not_exportable, write_sidecar
 from ..evaluation.protocol import EvalConfig, evaluate_doubter
 from ..evaluation.report import EvaluationReport, plot_risk_coverage
 from ..names import (
@@ -331,6 +339,10 @@ def export_run(run_dir: Path) -> Path:
     """`peft-doubter export`: the run's trained adapter as the GGUF sidecar `run_dir/doubter_sidecar.gguf`."""
     check_writable(Path(run_dir))
     with run_directory_lock(run_dir):
-        model, _, _ = load_run_model(Path(run_dir))
+        model, _, manifest = load_run_model(Path(run_dir))
+        reason = not_exportable(model.peft_config[model.active_adapter],
+                                cache_is_multiple_choice(Path(run_dir) / manifest["cache"]))
+        if reason:
+            raise ValueError(f"{run_dir} cannot be exported: {reason}")
         tensors, metadata = doubter_tensors(model)
         return write_sidecar(Path(run_dir) / SIDECAR_FILE, tensors, metadata)
