@@ -10,6 +10,10 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 from trl import SFTConfig
 
 
+NOTHING_TO_TRAIN = ("`train_injection=False` leaves only the confidence head to train: set `fit_confidence_head=True` "
+                    "(with confidence='head').")
+
+
 @dataclass
 class DoubterSFTConfig(SFTConfig):
     """Training arguments of the Doubter: the confidence head's fit and the two-pass loss.
@@ -115,8 +119,7 @@ class DoubterSFTConfig(SFTConfig):
         if self.head_epochs < 1:
             raise ValueError(f"`head_epochs` must be >= 1, got {self.head_epochs}.")
         if self.train_injection is False and self.fit_confidence_head is False:
-            raise ValueError("`train_injection=False` leaves only the confidence head to train: set "
-                             "`fit_confidence_head=True` (with confidence='head').")
+            raise ValueError(NOTHING_TO_TRAIN)
 
     def resolve_stages(self, confidence: str) -> None:
         """Fill `fit_confidence_head` and `train_injection` left unset from the Doubter's `confidence` (a head is fit
@@ -126,7 +129,6 @@ class DoubterSFTConfig(SFTConfig):
         if self.train_injection is None:
             self.train_injection = not self.fit_confidence_head
         if not self.train_injection and not self.fit_confidence_head:
-            raise ValueError("`train_injection=False` leaves only the confidence head to train: set "
-                             "`fit_confidence_head=True` (with confidence='head').")
+            raise ValueError(NOTHING_TO_TRAIN)
         if self.fit_confidence_head and self.metric_for_best_model in ("auroc", "eval_auroc"):
             self.metric_for_best_model, self.greater_is_better = "loss", False  # the frozen head's AUROC is constant
