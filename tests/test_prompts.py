@@ -177,3 +177,31 @@ def test_batched_cloze_scoring_equals_one_question_at_a_time(tokenizer, family):
             alone = score_cloze_options(model, tokenizer, prompt, row_options, normalize=normalize)
             assert scores == pytest.approx(alone, abs=1e-4)
     assert len({round(s, 3) for s in batched[0]}) == 3, "the options get different scores"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen2"])
+def test_reading_given_answers_after_the_prompt_pass_equals_the_full_reading(tokenizer, family):
+    """Reading the chosen options on a copy of the cloze prompt pass's KV cache (collection's path, no second prompt
+    pass) gives the reading of prompt + option in one forward: last-token features, every answer token's states and
+    teacher-forced signals, for left-padded prompts and answers of different lengths."""
+    from peft import get_peft_model
+
+    from peft_doubter import DoubterConfig
+    from peft_doubter.data.prompts import cloze_option_ids, prompt_pass_of
+
+    model = get_peft_model(tiny_models.build(family), DoubterConfig(target_layers=[1, 3], encoder_bottleneck_dim=32,
+                                                                    ca_bottleneck_dim=32)).eval()
+    doubter = model.base_model
+    prompts = ["<s> Question: capital of France? Answer:", "<s> Q: sky Question: capital of Italy? Answer:"]
+    answers = [cloze_option_ids(tokenizer, prompt, [option])[0]
+               for prompt, option in zip(prompts, ["Berlin Rome Paris", "red"])]
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad(), model.disable_adapter():
+        prompt_pass = prompt_pass_of(doubter.model, inputs)
+        continued = doubter.read_given_answers(inputs["input_ids"], inputs["attention_mask"], answers, prompt_pass)
+        full = doubter.read_given_answers(inputs["input_ids"], inputs["attention_mask"], answers)
+    assert continued.answer_mask.tolist() == full.answer_mask.tolist() and max(map(len, answers)) > 1
+    for name in ("features", "answer_states", "token_signals"):
+        torch.testing.assert_close(getattr(continued, name), getattr(full, name), rtol=1e-4, atol=1e-4, msg=name)
+

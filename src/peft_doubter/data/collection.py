@@ -26,7 +26,15 @@ from ..paths import read_json, write_json
 from ..tuner import backbone
 from ..tuner.capture import Reading, position_ids_from_mask
 from ..tuner.generation import Draft
-from .prompts import LETTERS, PromptConfig, build_prompt, cloze_option_ids, first_line, score_cloze_batch
+from .prompts import (
+    LETTERS,
+    PromptConfig,
+    build_prompt,
+    cloze_option_ids,
+    first_line,
+    prompt_pass_of,
+    score_cloze_batch,
+)
 from .scoring import ContainmentJudge, ExactMatchJudge, Judge, LocalModelJudge
 from .shards import build_shards, finished_rows, load_shards
 
@@ -145,12 +153,13 @@ def answer_open(doubter, tokenizer, inputs: dict, answers: list[list[str]], ques
     return results, draft
 
 
-def answer_cloze(model, tokenizer, inputs: dict, prompts: list[str], choices: list[list[str]], labels: list[int]
-                 ) -> list[Pass1Answer]:
-    """Each question's option with the highest length-normalised log-likelihood (`score_cloze_batch`: its first
-    forward is the prompts' pass)."""
+def answer_cloze(model, tokenizer, inputs: dict, prompts: list[str], choices: list[list[str]], labels: list[int],
+                 prompt_pass: Any = None) -> list[Pass1Answer]:
+    """Each question's option with the highest length-normalised log-likelihood (`score_cloze_batch`, continuing
+    `prompt_pass` or, without one, with the prompts' pass as its first forward)."""
     results = []
-    for options, label, scores in zip(choices, labels, score_cloze_batch(model, tokenizer, inputs, prompts, choices)):
+    scores_of = score_cloze_batch(model, tokenizer, inputs, prompts, choices, prompt_pass=prompt_pass)
+    for options, label, scores in zip(choices, labels, scores_of):
         choice = int(np.argmax(scores))
         results.append(Pass1Answer(options[choice], choice == label, choice=choice, option_logprobs=scores))
     return results
@@ -331,10 +340,12 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
                                                     draft.tokens).stacked()
             answer_parts = _answer_parts(draft.reading, draft.tokens)
         else:
+            prompt_pass = None
             with doubter.capturing_prompt(inputs["attention_mask"]) as capture, torch.no_grad():
                 if prompt_config.mc_format == "cloze":
+                    prompt_pass = prompt_pass_of(base, inputs)  # pass 1; the options and the chosen one continue it
                     answers = answer_cloze(base, tokenizer, inputs, texts, [e["choices"] for e in batch],
-                                           [e["label"] for e in batch])
+                                           [e["label"] for e in batch], prompt_pass)
                 else:
                     answers = answer_letter(base, tokenizer, inputs, [e["choices"] for e in batch],
                                             [e["label"] for e in batch])
@@ -342,7 +353,8 @@ def collect_batch(peft_model, tokenizer, batch: list[dict], prompt_config: Promp
             if config.read_position == "answer":  # the chosen option's tokens, teacher-forced
                 chosen = [chosen_option_ids(tokenizer, text, e["choices"], answer.choice, prompt_config.mc_format)
                           for text, e, answer in zip(texts, batch, answers)]
-                reading = doubter.read_given_answers(inputs["input_ids"], inputs["attention_mask"], chosen)
+                reading = doubter.read_given_answers(inputs["input_ids"], inputs["attention_mask"], chosen,
+                                                     prompt_pass)
                 features = reading.features
                 if config.pooling != "last":
                     features = doubter.read_answers(inputs["input_ids"], inputs["attention_mask"], chosen).stacked()

@@ -277,6 +277,13 @@ def score_cloze_options(
 
 
 @torch.inference_mode()
+def prompt_pass_of(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> Any:
+    """The forward over left-padded prompts that cloze scoring continues: its KV cache and last position's logits."""
+    mask = inputs["attention_mask"]
+    return model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                 use_cache=True, logits_to_keep=1)
+
+
 def score_cloze_batch(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -285,19 +292,20 @@ def score_cloze_batch(
     options: Sequence[Sequence[str]],
     normalize: Literal["token", "char"] | None = "token",
     chunk_size: int = 32,
+    prompt_pass: Any = None,
 ) -> list[list[float]]:
     """:func:`score_cloze_options` for a batch of questions at once: `inputs` are the `prompts` tokenized and
-    left-padded as :func:`score_cloze_options` tokenizes one. One forward over the prompts (a hook on the model sees
-    it as the batch's prompt pass), then every option's continuation on a copy of their KV cache, `chunk_size`
-    continuations per forward; the prompts are not recomputed per option."""
+    left-padded as :func:`score_cloze_options` tokenizes one. One forward over the prompts (`prompt_pass_of`, or
+    the given `prompt_pass`; a hook on the model sees it as the batch's prompt pass), then every option's
+    continuation on a copy of their KV cache, `chunk_size` continuations per forward; the prompts are not
+    recomputed per option."""
     if normalize not in ("token", "char", None):
         raise ValueError(f"normalize must be 'token', 'char' or None, got {normalize!r}")
     mask = inputs["attention_mask"]
     was_training = model.training
     model.eval()
     try:
-        prompt_pass = model(input_ids=inputs["input_ids"], attention_mask=mask,
-                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+        prompt_pass = prompt_pass if prompt_pass is not None else prompt_pass_of(model, inputs)
         first = prompt_pass.logits[:, -1].float().log_softmax(-1)  # (B, V): every option's first token
         pairs = [(row, ids) for row, (prompt, row_options) in enumerate(zip(prompts, options))
                  for ids in cloze_option_ids(tokenizer, prompt, row_options)]

@@ -4,6 +4,7 @@ and the hooks record the read layers; also the states entering the first inject 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -142,13 +143,17 @@ class PassOneMixin:
         return draft.reading
 
     def read_given_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           answer_ids: Sequence[Sequence[int]]) -> Reading:
+                           answer_ids: Sequence[Sequence[int]], prompt_pass: Any = None) -> Reading:
         """Pass 1's reading of given answers (e.g. a user's answer to score), as `draft` reads the base's own: one
         forward over prompt + answer with adapters off records the read layers at every answer token, and the
-        base's probabilities of those tokens give their signals (teacher-forced)."""
+        base's probabilities of those tokens give their signals (teacher-forced). With `prompt_pass` (the base's
+        output for exactly these left-padded prompts, with its `past_key_values` and last position's logits, e.g.
+        the pass that scored cloze options) only the answers run, on a copy of its cache."""
         name = self.active_adapters[0]
         plan = self._plans[name]
         lengths = [len(answer) for answer in answer_ids]
+        if prompt_pass is not None and min(lengths) > 0:
+            return self._read_answers_after_prompt(prompt_pass, attention_mask, answer_ids, plan.read)
         rows = [torch.cat([ids[mask.bool()], torch.as_tensor(list(answer), dtype=ids.dtype, device=ids.device)])
                 for ids, mask, answer in zip(input_ids, attention_mask, answer_ids)]
         width = max(len(row) for row in rows)
@@ -179,3 +184,32 @@ class PassOneMixin:
                 signals[index, :length] = token_signals(predicted, ids[index, width - length:])
                 answer_mask[index, :length] = True
         return Reading(last, states, answer_mask, signals)
+
+    def _read_answers_after_prompt(self, prompt_pass: Any, attention_mask: torch.Tensor,
+                                   answer_ids: Sequence[Sequence[int]], read_layers: list[int]) -> Reading:
+        """`read_given_answers` continuing `prompt_pass`'s cache with the (non-empty) answers, right-padded."""
+        lengths = [len(answer) for answer in answer_ids]
+        width, device = max(lengths), attention_mask.device
+        tokens = torch.tensor([list(a) + [0] * (width - len(a)) for a in answer_ids], device=device)
+        kept = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answer_ids], device=device)
+        mask = torch.cat([attention_mask, kept.to(attention_mask.dtype)], dim=1)
+        positions = attention_mask.sum(-1, keepdim=True) + torch.arange(width, device=device)
+        capture = Capture(read_layers=read_layers, pooling="last", positions=torch.full((len(lengths),), width - 1),
+                          prompt_mask=None, every_position=True)
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
+        try:
+            with torch.no_grad(), self._capturing(capture):
+                logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                                    past_key_values=copy.deepcopy(prompt_pass.past_key_values)).logits
+        finally:
+            self._state.set(saved_tokens, saved_gain)
+        predicted = torch.cat([prompt_pass.logits[:, -1:].to(logits.dtype), logits[:, :-1]], dim=1)
+        hidden = torch.stack([capture.features[i] for i in read_layers], dim=2).float()  # (B, width, R, H)
+        states = rms_normalized(hidden)
+        signals = hidden.new_zeros((len(lengths), width, len(TOKEN_SIGNALS)))
+        last = torch.stack([hidden[index, length - 1] for index, length in enumerate(lengths)])
+        for index, length in enumerate(lengths):
+            signals[index, :length] = token_signals(predicted[index, :length], tokens[index, :length])
+        states = states * kept[:, :, None, None]
+        return Reading(last, states, kept.bool(), signals)
