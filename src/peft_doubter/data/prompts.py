@@ -276,7 +276,6 @@ def score_cloze_options(
     return score_cloze_batch(model, tokenizer, inputs, [prompt], [options], normalize=normalize)[0]
 
 
-@torch.inference_mode()
 def prompt_pass_of(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> Any:
     """The forward over left-padded prompts that cloze scoring continues: its KV cache and last position's logits."""
     mask = inputs["attention_mask"]
@@ -284,6 +283,7 @@ def prompt_pass_of(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -
                  use_cache=True, logits_to_keep=1)
 
 
+@torch.inference_mode()
 def score_cloze_batch(
     model: torch.nn.Module,
     tokenizer: Any,

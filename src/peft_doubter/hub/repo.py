@@ -86,8 +86,8 @@ def _finished_run(run_dir: Union[str, os.PathLike], base_model: Optional[str], l
         raise FileNotFoundError(f"{run_dir / RUN_MANIFEST} records no trained adapter: {train_hint}.")
     adapter_dir = run_dir / manifest["adapter"]
     config = _check_adapter_dir(adapter_dir, train_hint)
-    cache = run_dir / manifest.get("cache", "")
-    multiple_choice = "cache" in manifest and cache.is_dir() and cache_is_multiple_choice(cache)
+    cache = run_dir / manifest["cache"] if "cache" in manifest else None
+    multiple_choice = cache is not None and cache.is_dir() and cache_is_multiple_choice(cache)
     if not_exportable(config, multiple_choice) is None and not (run_dir / SIDECAR_FILE).is_file():
         raise FileNotFoundError(
             f"No GGUF sidecar at {run_dir / SIDECAR_FILE}: run `peft-doubter export --run-dir {run_dir}` first."

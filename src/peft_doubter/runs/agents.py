@@ -80,6 +80,13 @@ def lookup_registry(corpus: Optional[str], k: int = 1) -> ToolRegistry:
     return registry
 
 
+def _check_text_mode(run_dir: Path, manifest: dict[str, Any], fix: str) -> None:
+    """The text-mode gate reads pass 2's refusal: refused for a head-only Doubter, whose pass 2 never declines."""
+    if not injection_trained(manifest):
+        raise ValueError(f"{run_dir}'s injection was not trained (a head-only Doubter): pass 2 writes the base's own "
+                         f"answer and never declines, so there is no text to gate on. {fix}")
+
+
 def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doubter", closed: Optional[str] = None,
                 lookup: Optional[str] = None, mode: str = "confidence", model=None, tokenizer=None,
                 lookup_k: int = 1) -> tuple[MetaAgent, dict[str, Any]]:
@@ -89,9 +96,8 @@ def build_agent(run_dir: Path, corpus: Optional[str] = None, scorer: str = "doub
         model, tokenizer, manifest = load_run_model(run_dir)
     else:
         manifest = read_manifest(run_dir)
-    if mode == "text" and not injection_trained(manifest):
-        raise ValueError(f"{run_dir}'s injection was not trained (a head-only Doubter): pass 2 writes the base's own "
-                         "answer and never declines, so there is no text to gate on. Use --mode confidence.")
+    if mode == "text":
+        _check_text_mode(run_dir, manifest, "Use --mode confidence.")
     registry = lookup_registry(corpus, lookup_k)
     scorers = make_scorers([scorer], model, tokenizer, manifest, run_dir) if mode == "confidence" else {
         scorer: RandomScorer()}
@@ -114,9 +120,8 @@ def agent_eval(run_dir: Path, corpus: str, questions_from: Optional[str] = None,
         model, tokenizer, manifest = load_run_model(run_dir)
         if text_mode is None:
             text_mode = injection_trained(manifest)
-        elif text_mode and not injection_trained(manifest):
-            raise ValueError(f"{run_dir}'s injection was not trained (a head-only Doubter): its pass-2 text is the "
-                             "base's own answer, so the text-mode gate has nothing to compare. Leave text mode off.")
+        elif text_mode:
+            _check_text_mode(run_dir, manifest, "Leave text mode off.")
         names = scorers or list(SCORERS)
         made = make_scorers(names, model, tokenizer, manifest, run_dir)
         agent, _ = build_agent(run_dir, corpus, names[0], "1", "1", model=model, tokenizer=tokenizer,

@@ -124,10 +124,8 @@ class TwoPassGenerationMixin:
         generated: list[list[int]] = [[] for _ in range(batch)]
         signals: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         states: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        saved_tokens, saved_gain = self._state.tokens, self._state.gain
-        self._state.set(None)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._injection_off():
                 if shared:
                     self.model(input_ids=rows[0][None, :shared], use_cache=True, past_key_values=cache,
                                logits_to_keep=1)
@@ -168,7 +166,6 @@ class TwoPassGenerationMixin:
                         states[row].append(consumed[index])
         finally:
             self._capture = None
-            self._state.set(saved_tokens, saved_gain)
         return _assemble_draft(generated, signals, states, prompt.stacked(), stops, max_new_tokens)
 
     # ----------------------------------------------------------------------------------------- generate

@@ -26,6 +26,16 @@ from .capture import (
 class PassOneMixin:
     """Pass 1 and the reads built on it."""
 
+    @contextlib.contextmanager
+    def _injection_off(self) -> Iterator[None]:
+        """Pass 1 reads the base: no cognitive tokens are injected inside (what was set is restored after)."""
+        saved_tokens, saved_gain = self._state.tokens, self._state.gain
+        self._state.set(None)
+        try:
+            yield
+        finally:
+            self._state.set(saved_tokens, saved_gain)
+
     def run_pass1(
         self,
         input_ids: Optional[torch.Tensor],
@@ -54,19 +64,14 @@ class PassOneMixin:
             keep_output_of=keep,
             stop_after=plan.pass1_stop(keep is not None),
         )
-        saved_tokens, saved_gain = self._state.tokens, self._state.gain
-        self._state.set(None)
-        try:
-            with torch.no_grad(), self._capturing(capture):
-                self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    past_key_values=past_key_values,
-                    use_cache=past_key_values is not None,
-                    **model_kwargs,
-                )
-        finally:
-            self._state.set(saved_tokens, saved_gain)
+        with torch.no_grad(), self._injection_off(), self._capturing(capture):
+            self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+                **model_kwargs,
+            )
         missing = [i for i in plan.read if i not in capture.features]
         if missing:
             raise RuntimeError(f"Pass 1 did not reach read layers {missing}; is the decoder run in order?")
@@ -123,14 +128,9 @@ class PassOneMixin:
             raise ValueError("The first inject layer is layer 0: there are no lower layers to cache.")
         capture = Capture(read_layers=[], pooling="last", positions=last_token_positions(attention_mask),
                           prompt_mask=None, keep_output_of=first_inject - 1, stop_after=first_inject - 1)
-        saved_tokens, saved_gain = self._state.tokens, self._state.gain
-        self._state.set(None)
-        try:
-            with torch.no_grad(), self._capturing(capture):
-                self.model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        finally:
-            self._state.set(saved_tokens, saved_gain)
+        with torch.no_grad(), self._injection_off(), self._capturing(capture):
+            self.model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return hidden_of(capture.kept_output)
 
     def read_draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -164,14 +164,9 @@ class PassOneMixin:
         capture = Capture(read_layers=plan.read, pooling="last", positions=torch.full((len(rows),), width - 1),
                           prompt_mask=None, every_position=True)
         longest = max(1, max(lengths))
-        saved_tokens, saved_gain = self._state.tokens, self._state.gain
-        self._state.set(None)
-        try:
-            with torch.no_grad(), self._capturing(capture):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                    logits_to_keep=longest + 1).logits  # (B, longest + 1, V)
-        finally:
-            self._state.set(saved_tokens, saved_gain)
+        with torch.no_grad(), self._injection_off(), self._capturing(capture):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                logits_to_keep=longest + 1).logits  # (B, longest + 1, V)
         hidden = torch.stack([capture.features[i] for i in plan.read], dim=2).float()  # (B, S, R, H)
         states = hidden.new_zeros((len(rows), longest, len(plan.read), hidden.shape[-1]))
         signals = hidden.new_zeros((len(rows), longest, len(TOKEN_SIGNALS)))
@@ -196,14 +191,9 @@ class PassOneMixin:
         positions = attention_mask.sum(-1, keepdim=True) + torch.arange(width, device=device)
         capture = Capture(read_layers=read_layers, pooling="last", positions=torch.full((len(lengths),), width - 1),
                           prompt_mask=None, every_position=True)
-        saved_tokens, saved_gain = self._state.tokens, self._state.gain
-        self._state.set(None)
-        try:
-            with torch.no_grad(), self._capturing(capture):
-                logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                                    past_key_values=copy.deepcopy(prompt_pass.past_key_values)).logits
-        finally:
-            self._state.set(saved_tokens, saved_gain)
+        with torch.no_grad(), self._injection_off(), self._capturing(capture):
+            logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                                past_key_values=copy.deepcopy(prompt_pass.past_key_values)).logits
         predicted = torch.cat([prompt_pass.logits[:, -1:].to(logits.dtype), logits[:, :-1]], dim=1)
         hidden = torch.stack([capture.features[i] for i in read_layers], dim=2).float()  # (B, width, R, H)
         states = rms_normalized(hidden)
