@@ -246,6 +246,37 @@ def test_tool_generates_with_and_without_the_doubter(tmp_path, build_dir, base):
     assert doubter["timing"]["pass1_ms"] > 0 and plain["timing"]["pass1_ms"] == 0
 
 
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_pass2_from_the_first_inject_layer_equals_the_full_pass2(tmp_path, build_dir, base):
+    """Prefix reuse: pass 2 starts at the first inject layer from pass 1's states and keeps pass 1's KV cache below
+    it. Its inject layers' outputs, decision and generated text equal the full recomputation's
+    (`--no-prefix-reuse`), also on a prompt longer than Gemma 3's 512-token sliding window; after a draft that a
+    sliding window may have written over the prompt's cells, pass 2 recomputes everything (and still agrees)."""
+    path = make_sidecar(tmp_path / "d.gguf", gate=0.5, pooling="last_mean", **BASES[base])
+    inject = sidecar_metadata(**BASES[base])["inject_layers"]
+    model = base_path(base)
+    run = {"sidecar": path, "n_predict": 8, "ignore_eos": True, "threads": 1, "build_dir": build_dir}
+    cases = [("short", QUESTION, {}, True)]
+    if base == "gemma3":
+        long_prompt = "Facts: " + " ".join(f"item {i} is number {i}." for i in range(70)) + "\n" + QUESTION
+        cases += [("long", long_prompt, {}, True), ("long-draft", long_prompt, {"threshold": 0.0}, False)]
+    for name, prompt, extra, reused in cases:
+        results = {}
+        for mode, args in (("reuse", []), ("full", ["--no-prefix-reuse"])):
+            dump = tmp_path / f"{name}-{mode}"
+            dump.mkdir()
+            results[mode] = llama_cpp.run_tool(model, prompt, dump_dir=dump, extra_args=args, **run, **extra)
+        reuse, full = results["reuse"], results["full"]
+        assert reuse["prefix_reuse"] is reused and full["prefix_reuse"] is False, name
+        assert name != "long" or reuse["n_prompt"] > 512
+        assert reuse["tokens"] == full["tokens"] and reuse["log_odds"] == pytest.approx(full["log_odds"], abs=1e-4)
+        for layer in inject:
+            for kind in ("l_out", "doubter"):
+                np.testing.assert_allclose(np.load(tmp_path / f"{name}-reuse" / f"pass2_{kind}-{layer}.npy"),
+                                           np.load(tmp_path / f"{name}-full" / f"pass2_{kind}-{layer}.npy"),
+                                           atol=1e-3, rtol=1e-4, err_msg=f"{name}: {kind} of layer {layer}")
+
+
 def test_build_is_keyed_by_the_sources(build_dir):
     assert build_dir.name == llama_cpp._build_module().source_hash()
     assert (build_dir / "build-info.json").is_file() and llama_cpp.tool_path(build_dir).is_file()

@@ -53,6 +53,7 @@ struct params {
     int  n_threads  = (int) std::min(4u, std::max(1u, std::thread::hardware_concurrency()));
     int  n_ctx      = 0; // --jsonl: context size (default min(4096, the model's training context))
     bool doubter    = true;
+    bool prefix_reuse = true; // pass 2 starts at the first inject layer from pass 1's states
     bool json_out   = false;
     bool jsonl      = false;
     bool verbose    = false;
@@ -73,6 +74,7 @@ static void usage(const char * argv0) {
         "                   each, after a first line {\"ready\": true, ...} once the model is loaded\n"
         "  -c N             --jsonl: context size (default min(4096, the model's))\n"
         "  --dump-dir DIR   write pass-1/pass-2 activations, features and cognitive tokens as .npy files\n"
+        "  --no-prefix-reuse  pass 2 recomputes the layers below the first inject layer (for comparisons)\n"
         "  -v               show llama.cpp's log\n", argv0);
 }
 
@@ -129,6 +131,7 @@ static bool parse_args(int argc, char ** argv, params & p) {
         else if (a == "--threshold")    { p.req.threshold  = probability(a, next()); }
         else if (a == "--dump-dir")     { p.req.dump_dir   = next(); }
         else if (a == "--no-doubter")   { p.doubter        = false; }
+        else if (a == "--no-prefix-reuse") { p.prefix_reuse = false; }
         else if (a == "--ignore-eos")   { p.req.ignore_eos = true; }
         else if (a == "--json")         { p.json_out       = true; }
         else if (a == "--jsonl")        { p.jsonl          = true; }
@@ -287,6 +290,7 @@ struct engine {
     bool reads_answer = false; // pass 1 reads the base's own draft answer, not the prompt
     int  n_signals = 0;        // signals per answer token the encoder reads (0: it reads the answer's last token only)
     int  max_draft = 0;        // the draft length the Doubter was trained with (answer reading without a threshold)
+    bool prefix_reuse = true;  // pass 2 starts at the first inject layer from pass 1's states (see llama_doubter_set_prefix)
 
     const char * confidence_kind() const { return head ? "head" : decision ? "decision" : "ratio"; }
 
@@ -486,6 +490,10 @@ struct engine {
             return v.size() >= (size_t) n_embd ? v.data() + v.size() - n_embd : nullptr;
         };
 
+        // prefix reuse: the layer below the first inject layer gives pass 2 its input (-1: none)
+        const int prefix_layer = adapter && prefix_reuse && !inject_layers.empty()
+            ? *std::min_element(inject_layers.begin(), inject_layers.end()) - 1 : -1;
+        std::vector<float> prefix;
         if (adapter) {
             // pass 1: injection off, read the read layers (all rows: the mean needs every prompt position, and
             // the last layer keeps only output rows, so every position is an output when it is mean-pooled)
@@ -496,9 +504,19 @@ struct engine {
             if (dump) {
                 cap.l_out.insert(inject_layers.begin(), inject_layers.end());
             }
+            if (prefix_layer >= 0) {
+                cap.l_out.insert(prefix_layer);
+            }
             cap.start();
             const int64_t t0 = ggml_time_us();
             decode(prompt.data(), n_prompt, 0, all_out, "pass 1");
+            if (prefix_layer >= 0) {
+                const auto & v = cap.rows("l_out-" + std::to_string(prefix_layer));
+                if (v.size() < (size_t) n_prompt*n_embd) {
+                    throw std::runtime_error("pass 1 read " + std::to_string(v.size()/n_embd) + " rows of layer " + std::to_string(prefix_layer));
+                }
+                prefix.assign(v.begin(), v.begin() + (size_t) n_prompt*n_embd);
+            }
             cap.active = reads_answer; // answer reading: the read layers are read on through the draft
             const int64_t t1 = ggml_time_us();
             std::vector<size_t> prompt_rows; // rows each read layer gave for the prompt (1 for the final layer)
@@ -595,7 +613,14 @@ struct engine {
                 write_npy(r.dump_dir + "/cognitive_tokens.npy", tokens, n_embd);
             }
 
-            llama_memory_clear(llama_get_memory(ctx), true);
+            // a sliding-window cache may have handed prompt cells to the draft: then no prefix reuse
+            const int n_swa = llama_model_n_swa(model);
+            if (n_swa > 0 && !draft.empty() && n_prompt + (int) draft.size() + 1 > n_swa) {
+                prefix.clear();
+            }
+            // keep the data: with a prefix, pass 2 re-decodes the prompt into the same cells and leaves the layers
+            // below the first inject layer as pass 1 wrote them
+            llama_memory_clear(llama_get_memory(ctx), prefix.empty());
             if (llama_doubter_set_inject(ctx, true) != 0) {
                 throw std::runtime_error("failed to switch the injection on");
             }
@@ -671,8 +696,14 @@ struct engine {
             }
             cap.start();
         }
+        if (pass2 && !prefix.empty() && llama_doubter_set_prefix(ctx, prefix.data(), prefix.size()) != 0) {
+            throw std::runtime_error("failed to set the Doubter prefix");
+        }
         if (pass2) {
             decode(prompt.data(), n_prompt, 0, false, "prompt processing");
+        }
+        if (!prefix.empty() && llama_doubter_set_prefix(ctx, nullptr, 0) != 0) {
+            throw std::runtime_error("failed to clear the Doubter prefix");
         }
         if (adapter && decision) {
             const llama_token token = refusal_token(r.prompt);
@@ -737,6 +768,7 @@ struct engine {
         out["n_prompt"]      = n_prompt;
         out["n_gen"]         = generated.size();
         out["n_refresh"]     = n_refresh;
+        out["prefix_reuse"]  = pass2 && !prefix.empty(); // pass 2 started at the first inject layer
         out["n_threads"]     = n_threads;
         out["timing"] = {
             {"pass1_ms", t_pass1_ms}, {"draft_ms", t_draft_ms}, {"encode_ms", t_encode_ms},
@@ -863,6 +895,7 @@ int main(int argc, char ** argv) {
                                          std::to_string(n_ctx_train) + " tokens");
             }
             engine eng(model, adapter, n_ctx, p.n_threads);
+            eng.prefix_reuse = p.prefix_reuse;
             status = serve_lines(eng, p);
         } else {
             const int n_prompt = (int) tokenize(llama_model_get_vocab(model), p.req.prompt, true).size();
@@ -873,6 +906,7 @@ int main(int argc, char ** argv) {
             }
             const int n_draft = adapter ? llama_doubter_adapter_max_draft_tokens(adapter) : 0; // answer reading's draft
             engine eng(model, adapter, n_prompt + std::max(p.req.n_predict, n_draft), p.n_threads);
+            eng.prefix_reuse = p.prefix_reuse;
             const json out = eng.run(p.req);
             if (p.json_out) {
                 printf("%s\n", dumped(out).c_str());

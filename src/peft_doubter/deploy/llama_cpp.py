@@ -301,7 +301,7 @@ def run_tool(
 ) -> dict[str, Any]:
     """Run `llama-doubter --json` once (plain generation when `sidecar` is None) and return its parsed output: text,
     declined, action, confidence (the decision or head confidence; null for a ratio sidecar), log_odds, n_prompt, n_gen,
-    n_refresh, tokens and timing (pass1_ms, draft_ms, encode_ms, pass2_prompt_ms, prompt_ms, decode_ms,
+    n_refresh, prefix_reuse (pass 2 started at the first inject layer from pass 1's states), tokens and timing (pass1_ms, draft_ms, encode_ms, pass2_prompt_ms, prompt_ms, decode_ms,
     decode_tokens, decode_tok_s). With `threshold` the text is the base's own greedy answer when the confidence
     reaches it and the refusal otherwise. `sidecar` is a file or a Hub repo id (`user/name`, whose
     `doubter_sidecar.gguf` is downloaded with `huggingface_hub`). Raises `RuntimeError` with the tool's stderr on

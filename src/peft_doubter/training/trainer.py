@@ -2,8 +2,8 @@
 
 The loss is the completion-only cross-entropy plus, for the decision confidence, a loss on the number that is
 evaluated: class-balanced BCE of the decision log-odds against the oracle and a pairwise logistic ranking loss
-(every right answer above every wrong one in the batch: AUROC's surrogate). LM-head logits are computed only in
-the target columns (prompts are aligned to end in one column, so the targets of a batch share a few columns, and
+(every right answer above every wrong one in the batch: AUROC's surrogate). LM-head logits are computed only at the
+supervised positions (prompts are aligned to end in one column, so the targets of a batch share a few columns, and
 the decision is read in the first of them): Gemma's vocabulary has 262k entries, so full logits would dominate time
 and memory. Rows carrying pass 1's cached reading (`pass1_features`) run pass 2 only, and rows carrying the cached
 states entering the first inject layer (`prefix_hidden`) start pass 2 there. Checkpoints are chosen on validation
@@ -30,9 +30,12 @@ from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 
 from ..data.sequences import align_prompts, cached_reading, target_columns
-from ..tuner.confidence import decision_log_odds
+from ..tuner.backbone import text_config
+from ..tuner.capture import forward_replaced
+from ..tuner.confidence import answer_log_odds
 from ..tuner.model import DoubterModel
 from .config import DoubterSFTConfig
+from .fused_head import logit_transform, picked_log_probs
 from .targets import READING_COLUMNS
 
 
@@ -61,18 +64,41 @@ class DoubterCollator:
         return batch
 
 
-def target_loss(model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
-                ) -> tuple[torch.Tensor, Any]:
-    """(mean cross-entropy over target tokens, model outputs), with LM-head logits only in the target columns; the
-    first kept column is the last prompt position, where the decision is read."""
+def target_loss(model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None,
+                refusal_token: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Any]:
+    """(mean cross-entropy over target tokens, model outputs). The LM head runs only at the supervised positions
+    and keeps no full-vocabulary logits (`picked_log_probs`): `outputs.target_log_probs` (N,) are the targets'
+    log-probabilities, row by row, and with `refusal_token` (B,) `outputs.refusal_log_probs` (B,) the refusal's at
+    each row's last prompt position, where the decision is read (prompts are aligned: the first target column)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     columns = target_columns(labels)
-    outputs = model(**inputs, logits_to_keep=columns.to(labels.device), use_cache=False)
     targets = labels[:, columns + 1]  # (B, K)
-    loss = nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(),
-                                       ignore_index=-100, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    supervised = targets != -100
+    if not supervised[:, 0].all():
+        raise ValueError("Every row needs a target token right after its prompt (align the prompts' ends).")
+    unwrapped = getattr(model, "module", model)
+    lm_head = unwrapped.get_output_embeddings()
+    kept: list[torch.Tensor] = []
+
+    def keep_states(hidden: torch.Tensor) -> torch.Tensor:
+        kept.append(hidden[supervised.to(hidden.device)])
+        return kept[0]  # in the outputs, so that DDP finds the parameters the loss depends on
+
+    with forward_replaced(lm_head, keep_states):
+        outputs = model(**inputs, logits_to_keep=columns.to(labels.device), use_cache=False)
+    outputs.logits = None  # the states, through the family's logit transform: not logits
+    row_of = supervised.nonzero()[:, 0]
+    picks = targets[supervised][:, None]
+    if refusal_token is not None:
+        picks = torch.cat([picks, refusal_token.to(picks.device)[row_of][:, None]], 1)
+    log_probs = picked_log_probs(kept[0], lm_head, picks.to(kept[0].device), *logit_transform(text_config(unwrapped)))
+    outputs.target_log_probs = log_probs[:, 0]
+    if refusal_token is not None:
+        per_row = supervised.sum(1)
+        outputs.refusal_log_probs = log_probs[(per_row.cumsum(0) - per_row).to(log_probs.device), 1]
+    count = num_items_in_batch if num_items_in_batch is not None else len(picks)
+    loss = -outputs.target_log_probs.sum()
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
 
 
@@ -285,24 +311,24 @@ class DoubterTrainer(SFTTrainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Cross-entropy of the target tokens (LM-head logits only in the target columns), plus the confidence loss
+        """Cross-entropy of the target tokens (the LM head only at the supervised positions), plus the confidence loss
         on the decision (or head) log-odds (`confidence_loss`), divided by the accumulation steps like the LM loss."""
         inputs = dict(inputs)
         correct, refusal_token = inputs.pop("correct", None), inputs.pop("refusal_token", None)
-        loss, outputs = target_loss(model, inputs, num_items_in_batch)
+        loss, outputs = target_loss(model, inputs, num_items_in_batch, refusal_token)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         weights = (self.args.confidence_loss_weight, self.args.ranking_loss_weight)
         if self.step_scored and correct is not None and any(weights) and not self.args.fit_confidence_head:
-            extra = confidence_loss(self.log_odds(outputs, refusal_token), correct, self.pos_weight, *weights)
+            extra = confidence_loss(self.log_odds(outputs), correct, self.pos_weight, *weights)
             loss = loss + extra / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
-    def log_odds(self, outputs: Any, refusal_token: torch.Tensor) -> torch.Tensor:
+    def log_odds(self, outputs: Any) -> torch.Tensor:
         """The confidence's log-odds of a batch: the head's, or the decision's at the first answer position."""
         if self.confidence == "head":
             return outputs.confidence_log_odds
-        return decision_log_odds(outputs.logits[:, 0], refusal_token)
+        return answer_log_odds(outputs.refusal_log_probs)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: Optional[list[str]] = None) -> tuple[Any, Any, Any]:
@@ -312,7 +338,7 @@ class DoubterTrainer(SFTTrainer):
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
             if prediction_loss_only or not self.step_scored:
                 return loss.detach(), None, None
-            scores = self.log_odds(outputs, inputs["refusal_token"])
+            scores = self.log_odds(outputs)
         return loss.detach(), scores.detach().float(), inputs["correct"].float()
 
     def pretrain_projectors(self) -> list[float]:

@@ -16,9 +16,13 @@ def decision_log_odds(logits: torch.Tensor, refusal_token: torch.Tensor | int) -
     token per row (or one for all)."""
     logprobs = logits.float().log_softmax(-1)
     token = torch.as_tensor(refusal_token, device=logits.device).expand(logits.shape[0])
-    refuse = logprobs.gather(-1, token[:, None]).squeeze(-1)  # log p
-    answer = torch.log(-torch.expm1(refuse.clamp_max(-1e-7)))  # log(1 - p), stable near p = 1
-    return answer - refuse
+    return answer_log_odds(logprobs.gather(-1, token[:, None]).squeeze(-1))
+
+
+def answer_log_odds(refusal_log_prob: torch.Tensor) -> torch.Tensor:
+    """log(1 - p) - log p from the refusal's log-probability log p (stable near p = 1)."""
+    refusal_log_prob = refusal_log_prob.float()
+    return torch.log(-torch.expm1(refusal_log_prob.clamp_max(-1e-7))) - refusal_log_prob
 
 
 def ratio_log_odds(answer_logprob: torch.Tensor, refusal_logprob: torch.Tensor) -> torch.Tensor:
