@@ -490,8 +490,10 @@ struct engine {
             return v.size() >= (size_t) n_embd ? v.data() + v.size() - n_embd : nullptr;
         };
 
+        // pass 2 (or the only pass): a thresholded head confidence decides before it and runs none
+        const bool pass2 = !(head && thresholded);
         // prefix reuse: the layer below the first inject layer gives pass 2 its input (-1: none)
-        const int prefix_layer = adapter && prefix_reuse && !inject_layers.empty()
+        const int prefix_layer = adapter && pass2 && prefix_reuse && !inject_layers.empty()
             ? *std::min_element(inject_layers.begin(), inject_layers.end()) - 1 : -1;
         std::vector<float> prefix;
         if (adapter) {
@@ -516,6 +518,9 @@ struct engine {
                     throw std::runtime_error("pass 1 read " + std::to_string(v.size()/n_embd) + " rows of layer " + std::to_string(prefix_layer));
                 }
                 prefix.assign(v.begin(), v.begin() + (size_t) n_prompt*n_embd);
+                if (!dump && std::find(read_layers.begin(), read_layers.end(), prefix_layer) == read_layers.end()) {
+                    cap.l_out.erase(prefix_layer); // the draft has no use for it
+                }
             }
             cap.active = reads_answer; // answer reading: the read layers are read on through the draft
             const int64_t t1 = ggml_time_us();
@@ -684,9 +689,7 @@ struct engine {
             }
         };
 
-        // pass 2 (or the only pass): the prompt, then greedy decoding unless the threshold decides; a thresholded
-        // head confidence has decided already and runs no pass 2
-        const bool pass2 = !(head && thresholded);
+        // pass 2 (or the only pass): the prompt, then greedy decoding unless the threshold decides
         const int64_t t_p0 = ggml_time_us();
         if (adapter && pass2) {
             llama_doubter_set_alpha(ctx, llama_doubter_adapter_agc_alpha(adapter, step));
@@ -696,7 +699,7 @@ struct engine {
             }
             cap.start();
         }
-        if (pass2 && !prefix.empty() && llama_doubter_set_prefix(ctx, prefix.data(), prefix.size()) != 0) {
+        if (!prefix.empty() && llama_doubter_set_prefix(ctx, prefix.data(), prefix.size()) != 0) {
             throw std::runtime_error("failed to set the Doubter prefix");
         }
         if (pass2) {
@@ -768,7 +771,7 @@ struct engine {
         out["n_prompt"]      = n_prompt;
         out["n_gen"]         = generated.size();
         out["n_refresh"]     = n_refresh;
-        out["prefix_reuse"]  = pass2 && !prefix.empty(); // pass 2 started at the first inject layer
+        out["prefix_reuse"]  = !prefix.empty(); // pass 2 started at the first inject layer
         out["n_threads"]     = n_threads;
         out["timing"] = {
             {"pass1_ms", t_pass1_ms}, {"draft_ms", t_draft_ms}, {"encode_ms", t_encode_ms},

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..tuner.capture import position_ids_from_mask
 from .scoring import normalize_answer
 
 
@@ -279,7 +280,7 @@ def score_cloze_options(
 def prompt_pass_of(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> Any:
     """The forward over left-padded prompts that cloze scoring continues: its KV cache and last position's logits."""
     mask = inputs["attention_mask"]
-    return model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+    return model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
                  use_cache=True, logits_to_keep=1)
 
 

@@ -43,19 +43,20 @@ class _PickedLogits(torch.autograd.Function):
                 probabilities.mul_(slope)
             normaliser_grad = normaliser_grad * correction[:, None] + (
                 probabilities.to(weight.dtype) @ weight[columns]).float()
+        picked_rows = weight[picks].float()  # (N, P, H)
         picked, pick_slopes = _transformed(
-            torch.einsum("nh,nph->np", hidden.float(), weight[picks].float())
-            + (0 if bias is None else bias[picks].float()), scale, softcap)
-        ctx.save_for_backward(normaliser_grad / total[:, None], weight, picks,
+            torch.einsum("nh,nph->np", hidden.float(), picked_rows) + (0 if bias is None else bias[picks].float()),
+            scale, softcap)
+        ctx.save_for_backward(normaliser_grad / total[:, None], picked_rows,
                               pick_slopes if pick_slopes is not None else torch.ones_like(picked))
         ctx.hidden_dtype = hidden.dtype
         return running_max + total.log(), picked
 
     @staticmethod
     def backward(ctx: Any, normaliser_output_grad: torch.Tensor, picked_output_grad: torch.Tensor) -> tuple:
-        normaliser_grad, weight, picks, pick_slopes = ctx.saved_tensors
+        normaliser_grad, picked_rows, pick_slopes = ctx.saved_tensors
         grad = normaliser_output_grad[:, None] * normaliser_grad
-        grad = grad + torch.einsum("np,nph->nh", picked_output_grad * pick_slopes, weight[picks].float())
+        grad = grad + torch.einsum("np,nph->nh", picked_output_grad * pick_slopes, picked_rows)
         return grad.to(ctx.hidden_dtype), None, None, None, None, None, None
 
 

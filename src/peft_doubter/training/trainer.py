@@ -88,9 +88,9 @@ def target_loss(model: nn.Module, inputs: dict[str, Any], num_items_in_batch: An
     with forward_replaced(lm_head, keep_states):
         outputs = model(**inputs, logits_to_keep=columns.to(labels.device), use_cache=False)
     outputs.logits = None  # the states, through the family's logit transform: not logits
-    row_of = supervised.nonzero()[:, 0]
     picks = targets[supervised][:, None]
-    if refusal_token is not None:
+    if refusal_token is not None:  # each position's row's refusal token (only the first position's is read)
+        row_of = supervised.nonzero()[:, 0]
         picks = torch.cat([picks, refusal_token.to(picks.device)[row_of][:, None]], 1)
     log_probs = picked_log_probs(kept[0], lm_head, picks.to(kept[0].device), *logit_transform(text_config(unwrapped)))
     outputs.target_log_probs = log_probs[:, 0]

@@ -168,17 +168,10 @@ class PassOneMixin:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                 logits_to_keep=longest + 1).logits  # (B, longest + 1, V)
         hidden = torch.stack([capture.features[i] for i in plan.read], dim=2).float()  # (B, S, R, H)
-        states = hidden.new_zeros((len(rows), longest, len(plan.read), hidden.shape[-1]))
-        signals = hidden.new_zeros((len(rows), longest, len(TOKEN_SIGNALS)))
-        answer_mask = torch.zeros((len(rows), longest), dtype=torch.bool)
-        last = hidden[:, -1]
-        for index, length in enumerate(lengths):
-            if length:
-                states[index, :length] = rms_normalized(hidden[index, width - length:])
-                predicted = logits[index, -length - 1:-1]  # the logits of each answer token come one step earlier
-                signals[index, :length] = token_signals(predicted, ids[index, width - length:])
-                answer_mask[index, :length] = True
-        return Reading(last, states, answer_mask, signals)
+        # the logits of each answer token come one step earlier
+        answers = [(hidden[index, width - length:], logits[index, -length - 1:-1], ids[index, width - length:])
+                   for index, length in enumerate(lengths)]
+        return answer_reading(hidden[:, -1], answers)
 
     def _read_answers_after_prompt(self, prompt_pass: Any, attention_mask: torch.Tensor,
                                    answer_ids: Sequence[Sequence[int]], read_layers: list[int]) -> Reading:
@@ -196,10 +189,22 @@ class PassOneMixin:
                                 past_key_values=copy.deepcopy(prompt_pass.past_key_values)).logits
         predicted = torch.cat([prompt_pass.logits[:, -1:].to(logits.dtype), logits[:, :-1]], dim=1)
         hidden = torch.stack([capture.features[i] for i in read_layers], dim=2).float()  # (B, width, R, H)
-        states = rms_normalized(hidden)
-        signals = hidden.new_zeros((len(lengths), width, len(TOKEN_SIGNALS)))
-        last = torch.stack([hidden[index, length - 1] for index, length in enumerate(lengths)])
-        for index, length in enumerate(lengths):
-            signals[index, :length] = token_signals(predicted[index, :length], tokens[index, :length])
-        states = states * kept[:, :, None, None]
-        return Reading(last, states, kept.bool(), signals)
+        answers = [(hidden[index, :length], predicted[index, :length], tokens[index, :length])
+                   for index, length in enumerate(lengths)]
+        return answer_reading(torch.stack([hidden[index, length - 1] for index, length in enumerate(lengths)]), answers)
+
+
+def answer_reading(last: torch.Tensor, answers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Reading:
+    """A `Reading` from each row's last read states `last` (B, R, H) and its answer tokens' read states (L, R, H),
+    the logits that predicted them (L, V) and their ids (L,): states RMS-normalised and token signals, zero-padded to
+    the longest answer (an empty answer reads none)."""
+    longest = max(1, max(len(ids) for _, _, ids in answers))
+    states = last.new_zeros((len(answers), longest, *last.shape[1:]))
+    signals = last.new_zeros((len(answers), longest, len(TOKEN_SIGNALS)))
+    answer_mask = torch.zeros((len(answers), longest), dtype=torch.bool)
+    for index, (hidden, predicted, ids) in enumerate(answers):
+        if len(ids):
+            states[index, :len(ids)] = rms_normalized(hidden)
+            signals[index, :len(ids)] = token_signals(predicted, ids)
+            answer_mask[index, :len(ids)] = True
+    return Reading(last, states, answer_mask, signals)
